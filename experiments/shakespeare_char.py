@@ -1,0 +1,20 @@
+"""nanoGPT's shakespeare_char CPU configuration: 4 layers, 4 heads, 128 wide, block 64, batch 12.
+
+Trains on the embedded corpus by default; for tiny Shakespeare itself:
+  --config.data.path=../shared/data/tinyshakespeare/input.txt
+"""
+from llmjax.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.update(num_layers=4, num_heads=4, embed_dim=128, max_seq_len=64, dropout=0.0,
+                 use_bias=False, tie_embeddings=True, position="learned", norm="layernorm",
+                 mlp="gelu")
+  c.data.update(tokenizer="char", seq_len=64, batch_size=12)
+  # nanoGPT: lr 1e-3 -> 1e-4 (cosine) over 2000 iterations after 100 warmup, AdamW betas 0.9/0.99,
+  # weight decay 0.1 on every matrix (embeddings included), clip 1.0.
+  c.optim.update(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1,
+                 decay_embeddings=True, grad_clip=1.0)
+  c.train.update(steps=2000, eval_every=250, eval_batches=20, log_every=50, checkpoint_every=1000)
+  return c

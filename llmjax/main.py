@@ -1,0 +1,51 @@
+"""Command-line entry point: python -m llmjax.main --config=experiments/X.py --workdir=DIR.
+
+Configuration problems are reported as one line and exit status 2, never as a traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llmjax import config as cfglib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "An experiment file under experiments/ (optionally file.py:VARIANT).",
+    lock_config=False)
+flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, samples. "
+                    "Running again with the same workdir resumes.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate the latest checkpoint.")
+FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> None:
+  print(f"llmjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+  if _CONFIG.value is None:
+    fail("--config is required, e.g. --config=experiments/shakespeare_char.py")
+  config = _CONFIG.value
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  import jax
+  from llmjax.data import DataError
+  from llmjax.checkpoint import CheckpointError
+  try:
+    cfglib.validate(config, num_devices=jax.device_count())
+    from llmjax import loop
+    loop.train(config, FLAGS.workdir)
+  except (cfglib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    fail(str(e))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

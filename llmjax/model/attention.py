@@ -1,0 +1,84 @@
+"""Multi-head / grouped-query / multi-query self-attention with an optional KV cache.
+
+The score computation goes through `jax.nn.dot_product_attention`, so GPUs get cuDNN's fused
+(flash) kernel when the compute dtype allows it, and CPUs and TPUs get XLA's fused softmax.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.model.config import TransformerConfig
+from llmjax.model.layers import DenseGeneral, apply_rotary, constrain
+
+
+def attention_implementation(cfg: TransformerConfig) -> str | None:
+  """'cudnn' only where it can run (a GPU and a 16-bit compute dtype); None lets JAX choose."""
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  if jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+    return "cudnn"
+  return "xla"
+
+
+class Attention(nn.Module):
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids=None, deterministic: bool = True,
+               decode: bool = False):
+    """x: [batch, length, embed]; positions: [batch, length] absolute positions.
+
+    decode=True reads and writes the 'cache' collection: keys and values of the new tokens are
+    written at their absolute positions (per example, so prompts of different lengths work) and the
+    queries attend to every cached slot at a position not after their own.
+    """
+    cfg = self.cfg
+    h, kv, hd = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    q = DenseGeneral(cfg, (h, hd), ("embed", "heads", "kv"), use_bias=cfg.use_bias, name="query")(x)
+    k = DenseGeneral(cfg, (kv, hd), ("embed", "kv_heads", "kv"), use_bias=cfg.use_bias, name="key")(x)
+    v = DenseGeneral(cfg, (kv, hd), ("embed", "kv_heads", "kv"), use_bias=cfg.use_bias, name="value")(x)
+    if cfg.position == "rotary":
+      q = apply_rotary(q, positions, cfg.rope_theta)
+      k = apply_rotary(k, positions, cfg.rope_theta)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    k = constrain(k, ("batch", "length", "kv_heads", "kv"))
+    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+
+    if decode:
+      out = self._cached_attention(q, k, v, positions)
+    else:
+      mask = None
+      if segment_ids is not None:
+        # Packed documents: a token attends only within its own document.
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask, is_causal=cfg.causal,
+          implementation=attention_implementation(cfg))
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    y = DenseGeneral(cfg, (cfg.embed_dim,), ("heads", "kv", "embed"), in_axes=2,
+                     use_bias=cfg.use_bias, std=out_std, name="out")(out)
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+  def _cached_attention(self, q, k, v, positions):
+    cfg = self.cfg
+    batch, max_len = q.shape[0], cfg.max_seq_len
+    shape = (batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+    if self.is_initializing():
+      # Only shape the cache; nothing to attend to yet.
+      return jnp.zeros_like(q)
+    start = positions[:, 0]
+    write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice(cache, new, (s, 0, 0)))
+    cached_k.value = write(cached_k.value, k.astype(cached_k.value.dtype), start)
+    cached_v.value = write(cached_v.value, v.astype(cached_v.value.dtype), start)
+    slots = jnp.arange(max_len)
+    mask = slots[None, None, :] <= positions[:, :, None]          # [batch, q_len, max_len]
+    if not cfg.causal:
+      raise ValueError("KV-cached decoding needs a causal model (model.causal=True).")
+    return jax.nn.dot_product_attention(
+        q, cached_k.value.astype(q.dtype), cached_v.value.astype(q.dtype),
+        mask=mask[:, None, :, :], implementation="xla")

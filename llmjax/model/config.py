@@ -1,0 +1,86 @@
+"""The model's own configuration: a frozen dataclass, so the model never depends on ml_collections."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Every architectural choice of the GPT-2 and Llama families, as plain data."""
+  vocab_size: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0        # 0 -> num_heads (multi-head); 1 -> multi-query; else grouped-query
+  embed_dim: int = 128
+  head_dim: int = 0            # 0 -> embed_dim // num_heads
+  mlp_dim: int = 0             # 0 -> 4 * embed_dim
+  max_seq_len: int = 256
+  position: str = "learned"    # 'learned' | 'rotary' | 'none'
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"      # 'layernorm' | 'rmsnorm'
+  norm_eps: float = 1e-5
+  mlp: str = "gelu"            # 'gelu' | 'swiglu'
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  causal: bool = True          # False -> bidirectional encoder (masked LM)
+  dtype: str = "float32"       # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = True     # False fully unrolls the same stacked-parameter loop
+  remat_policy: str = "none"   # see model.transformer.REMAT_POLICIES
+  attention_impl: str = "auto" # 'auto' | 'xla' | 'cudnn'
+  init_std: float = 0.02
+  logits_dtype: str = "float32"
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.mlp_dim or 4 * self.embed_dim
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "TransformerConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
+  """Parameter count from the config alone (matches the initialized tree; tested)."""
+  d, h, kv, hd, f, v = (cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
+                        cfg.hidden_dim, cfg.vocab_size)
+  b = 1 if cfg.use_bias else 0
+  norm = d * (2 if cfg.norm == "layernorm" and cfg.use_bias else 1)
+  attn = d * hd * (h + 2 * kv) + h * hd * d + b * (hd * (h + 2 * kv) + d)
+  mlp_in = 2 if cfg.mlp == "swiglu" else 1
+  mlp = mlp_in * (d * f + b * f) + f * d + b * d
+  per_layer = attn + mlp + 2 * norm
+  total = cfg.num_layers * per_layer + norm
+  if include_embeddings:
+    total += v * d
+    if cfg.position == "learned":
+      total += cfg.max_seq_len * d
+    if not cfg.tie_embeddings:
+      total += d * v
+  return total

@@ -1,0 +1,123 @@
+"""Building blocks: norms, the MLP, rotary embeddings and logically-annotated dense layers.
+
+Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv', 'vocab', ...). The model
+never sees a mesh: llmjax.sharding maps these names onto mesh axes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.model.config import TransformerConfig
+
+
+def logical_init(cfg: TransformerConfig, names: Sequence[str | None], std: float | None = None):
+  """A normal initializer tagged with logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.normal(std or cfg.init_std), tuple(names))
+
+
+def zeros_init(names: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+def ones_init(names: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
+
+
+def constrain(x, names: Sequence[str | None]):
+  """Activation sharding hint; a no-op unless logical axis rules are active."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+class DenseGeneral(nn.Module):
+  """y = x @ W (+ b) contracting x's last `len(in_shape)` axes, with logical names on W and b."""
+  cfg: TransformerConfig
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  in_axes: int = 1
+  use_bias: bool = False
+  std: float | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    in_shape = x.shape[-self.in_axes:]
+    kernel = self.param("kernel", logical_init(cfg, self.kernel_axes, self.std),
+                        tuple(in_shape) + tuple(self.out_shape), cfg.weight_dtype)
+    x = x.astype(cfg.compute_dtype)
+    kernel = kernel.astype(cfg.compute_dtype)
+    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if self.use_bias:
+      bias_axes = self.kernel_axes[self.in_axes:]
+      bias = self.param("bias", zeros_init(bias_axes), tuple(self.out_shape), cfg.weight_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 for stability."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    scale = self.param("scale", ones_init(("embed",)), (x.shape[-1],), cfg.weight_dtype)
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      mean = jnp.mean(xf, axis=-1, keepdims=True)
+      xf = xf - mean
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + cfg.norm_eps) * scale.astype(jnp.float32)
+    if cfg.norm == "layernorm" and cfg.use_bias:
+      bias = self.param("bias", zeros_init(("embed",)), (x.shape[-1],), cfg.weight_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(cfg.compute_dtype)
+
+
+class Mlp(nn.Module):
+  """GELU (GPT-2: fc -> gelu -> proj) or SwiGLU (Llama: silu(gate) * up -> down)."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    cfg = self.cfg
+    f = cfg.hidden_dim
+    # GPT-2 scales the init of residual-output projections by 1/sqrt(2 * layers).
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    if cfg.mlp == "swiglu":
+      gate = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="gate")(x)
+      up = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="up")(x)
+      h = nn.silu(gate) * up
+    elif cfg.mlp == "gelu":
+      h = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="fc")(x)
+      h = nn.gelu(h, approximate=True)
+    else:
+      raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
+    h = constrain(h, ("batch", "length", "mlp"))
+    out = DenseGeneral(cfg, (cfg.embed_dim,), ("mlp", "embed"), use_bias=cfg.use_bias,
+                       std=out_std, name="proj")(h)
+    return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+
+
+def rotary_frequencies(head_dim: int, theta: float) -> jax.Array:
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate pairs (x[..., i], x[..., i + d/2]) by position * freq_i (the Llama / HF "rotate_half" layout).
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length] integer positions.
+  """
+  d = x.shape[-1]
+  freqs = rotary_frequencies(d, theta)                                   # [d/2]
+  angles = positions[..., None].astype(jnp.float32) * freqs             # [b, t, d/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

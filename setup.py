@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llmjax",
+    version="0.1.0",
+    description="Train and use Transformer language models with JAX and Flax, from a laptop CPU to TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llmjax", "llmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",            # progress bar with ETA
+        "tensorboardX>=2.6",     # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",       # loss-curve PNG
+        "safetensors>=0.4",      # Hugging Face weights (never pickle)
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+        "hf": ["transformers>=4.45", "tokenizers>=0.19"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["llmjax=llmjax.main:run"]},
+)

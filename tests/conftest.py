@@ -1,0 +1,46 @@
+"""Shared fixtures. Tests run on CPU; multi-device tests start their own subprocesses with
+XLA_FLAGS=--xla_force_host_platform_device_count=N, because that flag must be set before JAX starts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running (minutes); run with `pytest -m slow`")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("-m"):
+    return
+  skip_slow = pytest.mark.skip(reason="slow test: run with `pytest -m slow`")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def shakespeare_path():
+  if not SHAKESPEARE.exists():
+    pytest.skip(f"tiny Shakespeare not found at {SHAKESPEARE} (../shared is absent in a fresh clone)")
+  return str(SHAKESPEARE)
+
+
+def run_cli(args, env_extra=None, cwd=ROOT, timeout=600, devices=None):
+  """Runs `python -m ...` in a fresh interpreter (optionally with N fake CPU devices)."""
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
