@@ -24,7 +24,7 @@ from llmjax.data import load_dataset, load_tokenizer
 from llmjax.model import Transformer, num_params
 from llmjax.optim import make_optimizer
 
-CONFIG_FILE = "config.json"
+from llmjax.runs import CONFIG_FILE  # noqa: E402  (one name for the run's config file)
 SAMPLE_FILE = "sample.txt"
 
 
