@@ -5,6 +5,7 @@ overrides any field. `validate()` runs once at start-up: every error names the f
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from typing import Any
@@ -95,26 +96,31 @@ CHOICES = {
 }
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  """{'model.num_layers': 4, ...} for a nested ConfigDict or dict."""
   out = {}
   for key, value in d.items():
     name = f"{prefix}{key}"
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flatten(value, name + "."))
+      out.update(flatten(value, name + "."))
     else:
       out[name] = value
   return out
 
 
+def unknown_key_message(name: str, schema: dict[str, Any]) -> str:
+  close = difflib.get_close_matches(name, list(schema), n=1, cutoff=0.75)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  return f"unknown config key '{name}'{hint}; see llmjax/config.py for the fields"
+
+
 def _check_schema(config: ml_collections.ConfigDict) -> None:
   """Unknown keys and wrong types, compared against default_config()."""
-  schema = _flatten(default_config())
-  given = _flatten(config)
+  schema = flatten(default_config())
+  given = flatten(config)
   for name, value in given.items():
     if name not in schema:
-      close = [k for k in schema if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
-      hint = f" (did you mean {close[0]}?)" if close else ""
-      raise ConfigError(f"unknown config key '{name}'{hint}; see llmjax/config.py for the fields")
+      raise ConfigError(unknown_key_message(name, schema))
     want = type(schema[name])
     if want is float and isinstance(value, int) and not isinstance(value, bool):
       continue
@@ -131,7 +137,7 @@ def _need(cond: bool, message: str) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks everything that can be checked before touching data or devices. Raises ConfigError."""
   _check_schema(config)
-  flat = _flatten(config)
+  flat = flatten(config)
   for name, options in CHOICES.items():
     _need(flat[name] in options, f"{name}={flat[name]!r} is not one of {', '.join(options)}")
   m, d, t, o = config.model, config.data, config.train, config.optim
@@ -214,5 +220,5 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def from_json(text: str) -> ml_collections.ConfigDict:
   """A saved config, merged over today's defaults so older runs still load."""
   config = default_config()
-  config.update_from_flattened_dict(_flatten(json.loads(text)))
+  config.update_from_flattened_dict(flatten(json.loads(text)))
   return config

@@ -5,14 +5,12 @@ Every step's work runs inside one jitted function; the host only assembles batch
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llmjax import checkpoint as ckpt

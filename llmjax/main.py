@@ -43,8 +43,24 @@ def main(argv):
     fail(str(e))
 
 
+def parse_flags(argv):
+  """absl flag parsing, with bad --config.* overrides reported as one line (exit 2)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError):
+    schema = cfglib.flatten(cfglib.default_config())
+    for arg in argv[1:]:
+      if arg.startswith("--config.") and "=" in arg:
+        name = arg[len("--config."):].split("=", 1)[0]
+        if name not in schema:
+          fail(cfglib.unknown_key_message(name, schema))
+    raise
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids])
 
   def save(self, directory: str | os.PathLike) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
     target = Path(directory) / SP_MODEL_FILE
     if Path(self.model_file).resolve() != target.resolve():
       shutil.copyfile(self.model_file, target)
@@ -145,11 +146,17 @@ def train_sentencepiece(text: str, vocab_size: int) -> SentencePieceTokenizer:
     with tempfile.TemporaryDirectory() as tmp:
       corpus = Path(tmp) / "corpus.txt"
       corpus.write_text(text, encoding="utf-8")
-      spm.SentencePieceTrainer.train(
-          input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
-          model_type="bpe", character_coverage=1.0, byte_fallback=True,
-          max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
-          num_threads=os.cpu_count() or 1, minloglevel=2)
+      try:
+        # Rare characters fall back to their UTF-8 bytes, so nothing is ever <unk>.
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
+            model_type="bpe", character_coverage=0.9995, byte_fallback=True,
+            max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+      except RuntimeError as e:
+        from llmjax.data.sources import DataError
+        raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: "
+                        f"{str(e).splitlines()[0][-160:]}; change data.sp_vocab_size") from None
       tmp_model = model_file.with_suffix(f".tmp{os.getpid()}")
       shutil.copyfile(Path(tmp) / "sp.model", tmp_model)
       os.replace(tmp_model, model_file)  # atomic: concurrent runs never see half a model

@@ -1,0 +1,81 @@
+"""The optimizer: schedules, the weight-decay mask, clipping, and gradient accumulation."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import config as cfglib
+from llmjax import train as trainlib
+from llmjax.model import Transformer, TransformerConfig
+from llmjax.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+
+
+def optim_config(**kw):
+  c = cfglib.default_config().optim
+  c.update({"lr": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw})
+  return c
+
+
+def test_warmup_then_cosine_linear_and_constant():
+  cos = learning_rate_schedule(optim_config(schedule="cosine"), 110)
+  assert float(cos(0)) == 0.0
+  assert float(cos(5)) == pytest.approx(5e-4)
+  assert float(cos(10)) == pytest.approx(1e-3)
+  assert float(cos(60)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-4)
+  assert float(cos(110)) == pytest.approx(1e-4, rel=1e-4)
+  lin = learning_rate_schedule(optim_config(schedule="linear"), 110)
+  assert float(lin(60)) == pytest.approx(0.5 * (1e-3 + 1e-4), rel=1e-4)
+  const = learning_rate_schedule(optim_config(schedule="constant"), 110)
+  assert float(const(100)) == pytest.approx(1e-3)
+
+
+def test_decay_mask_skips_norms_biases_and_optionally_embeddings():
+  cfg = TransformerConfig(vocab_size=11, num_layers=1, num_heads=2, embed_dim=8, max_seq_len=8)
+  params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  mask = weight_decay_mask(params)
+  assert mask["layers"]["mlp"]["fc"]["kernel"] and not mask["layers"]["mlp"]["fc"]["bias"]
+  assert not mask["layers"]["attn_norm"]["scale"] and not mask["token_embedding"]
+  assert weight_decay_mask(params, decay_embeddings=True)["token_embedding"]
+
+
+def test_weight_decay_really_follows_the_mask():
+  params = {"w": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  opt, _ = make_optimizer(optim_config(weight_decay=0.5, warmup_steps=0, schedule="constant",
+                                       grad_clip=0.0), 10)
+  state = opt.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.update(zero, state, params)
+  assert float(jnp.abs(updates["w"]).sum()) > 0 and float(jnp.abs(updates["bias"]).sum()) == 0
+
+
+def test_global_norm_clipping():
+  """With clipping at 1.0, two gradient sequences whose first gradient differs only in
+  (above-threshold) scale give identical updates; without clipping Adam's moments differ."""
+  params = {"w": jnp.zeros((3,))}
+
+  def second_update(grad_clip, scale):
+    opt, _ = make_optimizer(optim_config(grad_clip=grad_clip, warmup_steps=0, schedule="constant",
+                                         weight_decay=0.0), 10)
+    state = opt.init(params)
+    _, state = opt.update({"w": scale * jnp.asarray([0.6, 0.8, 0.0])}, state, params)
+    updates, _ = opt.update({"w": jnp.asarray([1.5, 0.0, 0.0])}, state, params)
+    return np.asarray(updates["w"])
+
+  np.testing.assert_allclose(second_update(1.0, 10.0), second_update(1.0, 50.0), rtol=1e-6)
+  assert not np.allclose(second_update(0.0, 10.0), second_update(0.0, 50.0), rtol=1e-3)
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+  cfg = TransformerConfig(vocab_size=17, num_layers=2, num_heads=2, embed_dim=16, max_seq_len=8)
+  model = Transformer(cfg)
+  opt, schedule = make_optimizer(optim_config(warmup_steps=0), 10)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  state = trainlib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+  x = jax.random.randint(jax.random.key(1), (8, 9), 0, cfg.vocab_size)
+  batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
+  one, m1 = jax.jit(trainlib.make_train_step(model, opt, schedule, seed=0))(state, batch)
+  four, m4 = jax.jit(trainlib.make_train_step(model, opt, schedule, seed=0, grad_accum_steps=4))(state, batch)
+  assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
