@@ -72,10 +72,38 @@ def default_config() -> ml_collections.ConfigDict:
       tensorboard=True,
   ))
 
+  # The device mesh. Sizes are per slice (ICI: the fast links inside one TPU slice or GPU node);
+  # mesh.dcn.* are the sizes across slices/hosts (DCN: the data-center network). The global size of
+  # an axis is ici * dcn. -1 means "the devices (or slices) left over once the other axes are sized".
   c.mesh = ml_collections.ConfigDict(dict(
-      data=-1,   # -1 -> the devices left over once the other axes are sized
-      fsdp=1,
-      tensor=1,
+      data=-1,      # pure data parallelism: replicated params, batch split
+      fsdp=1,       # ZeRO-3 style: params, grads and optimizer state sharded, batch split
+      sequence=1,   # activations split along the sequence (length) axis
+      tensor=1,     # Megatron-style: heads / MLP / vocab split
+      dcn=ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1)),
+      # Logical axis name (as the model annotates params/activations) -> mesh axes, comma-separated;
+      # '' = replicated. Activations get the batch rule first, so a mesh axis already used by the
+      # batch dimension (fsdp) is never reused for 'embed' in the same array.
+      rules=ml_collections.ConfigDict(dict(
+          batch="data,fsdp",
+          length="sequence",
+          embed="fsdp",
+          heads="tensor",
+          kv_heads="tensor",
+          kv="",
+          mlp="tensor",
+          vocab="tensor",
+          layers="",
+      )),
+      # Multi-host start-up (llmjax.distributed): 'auto' initializes on TPU pods and SLURM jobs
+      # with more than one task and whenever coordinator_address is set; 'on' always; 'off' never.
+      distributed=ml_collections.ConfigDict(dict(
+          initialize="auto",
+          coordinator_address="",   # host:port of process 0 (explicit clusters, local launcher)
+          num_processes=0,          # 0 -> detected
+          process_id=-1,            # -1 -> detected
+          timeout_s=300,
+      )),
   ))
   return c
 
@@ -93,6 +121,7 @@ CHOICES = {
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("causal_lm", "masked_lm"),
+    "mesh.distributed.initialize": ("auto", "on", "off"),
 }
 
 
@@ -134,7 +163,8 @@ def _need(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_slices: int | None = None) -> None:
   """Checks everything that can be checked before touching data or devices. Raises ConfigError."""
   _check_schema(config)
   flat = flatten(config)
@@ -170,34 +200,85 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+  _check_rules(config)
+  d_ = config.mesh.distributed
+  _need(d_.num_processes >= 0, f"mesh.distributed.num_processes={d_.num_processes} must be >= 0")
+  _need(d_.process_id >= -1, f"mesh.distributed.process_id={d_.process_id} must be >= 0 (or -1)")
   if num_devices is not None:
-    sizes = mesh_shape(config, num_devices)
+    sizes = mesh_shape(config, num_devices, num_slices)
     batch_shards = sizes["data"] * sizes["fsdp"]
     micro = d.batch_size // t.grad_accum_steps
     _need(micro % batch_shards == 0,
           f"the micro-batch data.batch_size/train.grad_accum_steps={micro} is not divisible by the "
-          f"data-parallel size mesh.data*mesh.fsdp={batch_shards}; make the batch a multiple of it")
-    _need(sizes["tensor"] == 1 or m.num_heads % sizes["tensor"] == 0,
-          f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={sizes['tensor']}")
+          f"data-parallel size mesh.data*mesh.fsdp={batch_shards} (ICI x DCN); make the batch a "
+          "multiple of it")
+    _need(m.num_heads % sizes["tensor"] == 0,
+          f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={sizes['tensor']}; "
+          "use a tensor-parallel size that divides the head count")
+    _need(d.seq_len % sizes["sequence"] == 0,
+          f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={sizes['sequence']}; "
+          "use a sequence-parallel size that divides the sequence length")
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Resolves -1 axes; raises ConfigError when the sizes cannot multiply to the device count."""
-  sizes = {axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor")}
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost (DCN-friendly) to innermost
+
+
+def _check_rules(config: ml_collections.ConfigDict) -> None:
+  for name, value in config.mesh.rules.items():
+    axes = [a.strip() for a in value.split(",") if a.strip()]
+    for axis in axes:
+      _need(axis in MESH_AXES, f"mesh.rules.{name}={value!r} names unknown mesh axis {axis!r}; "
+            f"use a comma-separated subset of {', '.join(MESH_AXES)} or ''")
+    _need(len(set(axes)) == len(axes), f"mesh.rules.{name}={value!r} repeats a mesh axis")
+
+
+def _resolve(sizes: dict[str, int], total: int, what: str, fix: str) -> dict[str, int]:
+  """Fills the (at most one) -1 entry so that the sizes multiply to `total`."""
   free = [a for a, s in sizes.items() if s == -1]
-  _need(len(free) <= 1, f"only one mesh axis may be -1, got {', '.join('mesh.' + a for a in free)}")
+  _need(len(free) <= 1, f"only one {what} size may be -1, got {', '.join(free)}")
   for axis, size in sizes.items():
-    _need(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 or a positive integer")
+    _need(size == -1 or size >= 1, f"{what} size {axis}={size} must be -1 or a positive integer")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
-    _need(num_devices % fixed == 0,
-          f"the mesh needs a multiple of {fixed} devices ({_describe(sizes)}) but there are "
-          f"{num_devices}; change the mesh sizes")
-    sizes[free[0]] = num_devices // fixed
-  _need(math.prod(sizes.values()) == num_devices,
-        f"the mesh {_describe(sizes)} multiplies to {math.prod(sizes.values())} but there are "
-        f"{num_devices} devices; make mesh.data*mesh.fsdp*mesh.tensor equal {num_devices}")
+    _need(total % fixed == 0,
+          f"the {what} sizes {_describe(sizes)} need a multiple of {fixed} but there are {total} "
+          f"{fix}")
+    sizes = dict(sizes, **{free[0]: total // fixed})
+  _need(math.prod(sizes.values()) == total,
+        f"the {what} sizes {_describe(sizes)} multiply to {math.prod(sizes.values())} but there are "
+        f"{total} {fix}")
   return sizes
+
+
+def mesh_layout(config: ml_collections.ConfigDict, num_devices: int,
+                num_slices: int | None = None) -> tuple[dict[str, int], dict[str, int]]:
+  """(per-slice ICI sizes, across-slice DCN sizes), with -1 resolved; ConfigError if impossible.
+
+  num_slices: TPU slices (or hosts, for multi-node GPUs) the devices span; None -> the product
+  of the fixed mesh.dcn sizes (a -1 there then resolves to 1)."""
+  ici = {a: int(config.mesh[a]) for a in MESH_AXES}
+  dcn = {a: int(config.mesh.dcn[a]) for a in MESH_AXES}
+  if num_slices is None:
+    num_slices = math.prod(s for s in dcn.values() if s > 0)
+  dcn = _resolve(dcn, num_slices, "mesh.dcn",
+                 "slices (TPU slices, or processes when devices have no slice index); "
+                 "set mesh.dcn.* to multiply to the slice count")
+  _need(num_devices % num_slices == 0,
+        f"{num_devices} devices cannot be split evenly into {num_slices} slices; check mesh.dcn.*")
+  per_slice = num_devices // num_slices
+  where = f"devices per slice" if num_slices > 1 else "devices"
+  ici = _resolve(ici, per_slice, "mesh",
+                 f"{where}; make mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor equal {per_slice} "
+                 "(or set one of them to -1)")
+  return ici, dcn
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
+               num_slices: int | None = None) -> dict[str, int]:
+  """Global size of every mesh axis (ICI x DCN); raises ConfigError when the sizes cannot
+  multiply to the device count."""
+  ici, dcn = mesh_layout(config, num_devices, num_slices)
+  return {a: ici[a] * dcn[a] for a in MESH_AXES}
 
 
 def _describe(sizes: dict[str, int]) -> str:

@@ -79,7 +79,7 @@ class Run:
     """The latest checkpoint if there is one, else a freshly initialized (already sharded) state."""
     step = self.checkpointer.latest_step()
     if step is None:
-      with self.mesh, nn.logical_axis_rules(self.rules):
+      with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
         return init(jax.random.key(self.config.train.seed))
     state, meta = self.checkpointer.restore(self.abstract_state, step)
@@ -110,7 +110,7 @@ class Run:
   def evaluate(self, params, num_batches: int | None = None) -> dict:
     num_batches = num_batches or self.config.train.eval_batches
     total, count = 0.0, 0.0
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for i in range(num_batches):
         loss_sum, n = self.eval_step(params, self.batch("val", i), i)
         total, count = total + loss_sum, count + n
@@ -147,7 +147,7 @@ def train(config, workdir: str) -> dict:
 
   last_log_time, last_log_step = time.perf_counter(), start
   pending = None  # the last step's metrics, still on device
-  with run.mesh, nn.logical_axis_rules(run.rules):
+  with shd.use_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     for step in range(start, t.steps):
       state, pending = run.train_step(state, run.batch("train", step))
       done = step + 1

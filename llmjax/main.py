@@ -16,6 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False)
 flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics, samples. "
                     "Running again with the same workdir resumes.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: host:port of process 0 "
+                    "(= --config.mesh.distributed.coordinator_address; TPU pods and SLURM need none).")
+flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (0 = detected).")
+flags.DEFINE_integer("process_id", -1, "Multi-host: this process's rank (-1 = detected).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate the latest checkpoint.")
 FLAGS = flags.FLAGS
 
@@ -35,8 +39,16 @@ def main(argv):
   import jax
   from llmjax.data import DataError
   from llmjax.checkpoint import CheckpointError
+  from llmjax import distributed
+  from llmjax import sharding as shd
   try:
-    cfglib.validate(config, num_devices=jax.device_count())
+    # Multi-host runs must initialize the distributed runtime before anything touches devices.
+    distributed.apply_flags(config, FLAGS.coordinator_address, FLAGS.num_processes,
+                            FLAGS.process_id)
+    cfglib.validate(config)
+    distributed.initialize(config)
+    cfglib.validate(config, num_devices=jax.device_count(),
+                    num_slices=shd.num_slices(config, jax.devices()))
     from llmjax import loop
     loop.train(config, FLAGS.workdir)
   except (cfglib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:

@@ -1,60 +1,119 @@
 """Device meshes, logical-axis rules, and helpers that place pytrees on a mesh.
 
-The model names its axes logically ('embed', 'heads', 'mlp', ...). One table of rules maps those
-names onto mesh axes ('data', 'fsdp', 'tensor'); changing the parallelism changes only the config.
+The model names its axes logically ('embed', 'heads', 'mlp', ...). One table of rules in the config
+(`mesh.rules`) maps those names onto mesh axes ('data', 'fsdp', 'sequence', 'tensor'); changing the
+parallelism changes only the config, never the code.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from llmjax.config import mesh_shape
+from llmjax.config import MESH_AXES, mesh_layout
 
-MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical name -> mesh axis (or axes). FSDP shards every weight along its embedding dimension,
-# tensor parallelism shards heads / MLP / vocab, and the batch is split over data and fsdp.
-DEFAULT_RULES = (
-    ("batch", BATCH_AXES),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-)
+# Rules are applied in this order. The order matters where two dimensions of one array ask for the
+# same mesh axis: flax gives it to the first rule and leaves the later dimension unsharded. 'batch'
+# comes first so activations [batch, length, embed] are split over (data, fsdp) on the batch axis
+# and stay whole along 'embed' (whose weights FSDP shards over the same 'fsdp' axis).
+RULE_ORDER = ("batch", "length", "layers", "vocab", "heads", "kv_heads", "mlp", "embed", "kv")
+
+
+def num_slices(config, devices) -> int:
+  """How many slices the devices span: TPU slices where devices carry a slice index; otherwise
+  processes when the config asks for DCN parallelism (multi-host GPU/CPU: each host is a 'slice')."""
+  if hasattr(devices[0], "slice_index"):
+    return len({d.slice_index for d in devices})
+  wants_dcn = any(int(config.mesh.dcn[a]) != 1 for a in MESH_AXES)
+  return len({d.process_index for d in devices}) if wants_dcn else 1
 
 
 def make_mesh(config, devices=None) -> Mesh:
   """The mesh named by config.mesh over `devices` (all devices by default).
 
-  Axis types are Auto (GSPMD-style): shardings are given on jit inputs/outputs and as constraints
-  on activations, and XLA propagates the rest. Explicit axes (the `jax.make_mesh` default in current
-  JAX) would make sharding part of every array's type, which Flax linen's logical constraints do
-  not need and which would make the same program fail to trace on a 1-device CPU mesh.
+  Axis types are Auto (GSPMD-style): shardings are given on jit inputs/outputs and as logical
+  constraints on activations, and XLA's partitioner propagates the rest and inserts collectives.
+  Explicit axes (the `jax.make_mesh` default in current JAX) would make sharding part of every
+  array's type, so every op whose output sharding is ambiguous (e.g. an einsum contracting an
+  fsdp-sharded dimension) would need an explicit out_sharding in model code; the model is meant to
+  know nothing about meshes, and flax linen's logical constraints are built for Auto meshes.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(config, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  try:
-    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # noqa: BLE001 - unusual topologies: fall back to plain device order
-    grid = np.asarray(devices).reshape(shape)
+  slices = num_slices(config, devices)
+  ici, dcn = mesh_layout(config, len(devices), slices)
+  ici_shape = tuple(ici[a] for a in MESH_AXES)
+  dcn_shape = tuple(dcn[a] for a in MESH_AXES)
+  if slices > 1:
+    # Inner (ICI) axes stay within a slice; DCN axes step across slices/hosts.
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+  else:
+    try:  # TPU: lay the axes out along the physical torus
+      grid = mesh_utils.create_device_mesh(ici_shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices).reshape(ici_shape)  # unusual topologies: plain device order
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def logical_rules(config=None):
-  return DEFAULT_RULES
+def use_mesh(mesh: Mesh):
+  """Context that makes `mesh` current for tracing. It must be `jax.set_mesh` (not the legacy
+  `with mesh:`): flax's logical activation constraints look for the abstract mesh that only
+  `set_mesh` installs, and silently do nothing without it."""
+  return jax.set_mesh(mesh)
+
+
+def logical_rules(config) -> tuple:
+  """The config's mesh.rules as flax logical-axis rules: ((logical name, mesh axes|None), ...)."""
+  table = config.mesh.rules.to_dict()
+  names = [n for n in RULE_ORDER if n in table] + sorted(n for n in table if n not in RULE_ORDER)
+  rules = []
+  for name in names:
+    axes = tuple(a.strip() for a in table[name].split(",") if a.strip())
+    rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(rules)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def fit_spec(spec: P, shape, mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide their dimension (e.g. 2 kv heads on tensor=4, or an odd
+  vocabulary on tensor=2): that dimension is then replicated over those axes instead of failing."""
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    kept, size = [], 1
+    for axis in _axes(entry):
+      if dim % (size * mesh.shape[axis]) == 0:
+        kept.append(axis)
+        size *= mesh.shape[axis]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def logical_to_spec(names, rules) -> P:
+  return nn.logical_to_mesh_axes(names, rules)
+
+
+def tree_shardings(boxed_abstract, mesh: Mesh, rules):
+  """NamedShardings for every leaf of a boxed (nn.Partitioned) abstract pytree, fitted to shapes."""
+  logical = nn.get_partition_spec(boxed_abstract)
+  shapes = nn.meta.unbox(boxed_abstract)
+  is_spec = lambda x: isinstance(x, P)
+  return jax.tree.map(
+      lambda names, leaf: NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), leaf.shape, mesh)),
+      logical, shapes, is_leaf=is_spec)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules):
-  """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh` (no shape fitting)."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
@@ -70,3 +129,12 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Assembles global arrays from this process's rows (works on one host and on many)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
           for k, v in batch.items()}
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds for a pytree of arrays or sharded ShapeDtypeStructs (largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total

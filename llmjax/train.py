@@ -115,8 +115,7 @@ def abstract_state(model, optimizer, example_batch_shape):
 
 def state_shardings(abstract, mesh, rules):
   """NamedShardings for every leaf of the (boxed) abstract train state."""
-  logical = nn.get_partition_spec(abstract)
-  return shd.logical_to_sharding(logical, mesh, rules)
+  return shd.tree_shardings(abstract, mesh, rules)
 
 
 def init_state(model, optimizer, mesh, rules, seed: int, example_batch_shape):
@@ -124,6 +123,6 @@ def init_state(model, optimizer, mesh, rules, seed: int, example_batch_shape):
   unsharded copy of the parameters. Returns (state with plain arrays, shardings)."""
   init, abstract = abstract_state(model, optimizer, example_batch_shape)
   shardings = state_shardings(abstract, mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
+  with shd.use_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))
   return state, shardings
