@@ -23,11 +23,17 @@ BATCH_AXES = ("data", "fsdp")
 RULE_ORDER = ("batch", "length", "layers", "vocab", "heads", "kv_heads", "mlp", "embed", "kv")
 
 
+def _slice_ids(devices) -> set:
+  return {getattr(d, "slice_index", 0) for d in devices}
+
+
 def num_slices(config, devices) -> int:
-  """How many slices the devices span: TPU slices where devices carry a slice index; otherwise
-  processes when the config asks for DCN parallelism (multi-host GPU/CPU: each host is a 'slice')."""
-  if hasattr(devices[0], "slice_index"):
-    return len({d.slice_index for d in devices})
+  """How many slices the devices span: TPU slices where devices carry distinct slice indices;
+  otherwise processes when the config asks for DCN parallelism (multi-host GPU/CPU: each host is
+  a 'slice'; CPU and GPU devices report slice_index 0 everywhere)."""
+  slices = len(_slice_ids(devices))
+  if slices > 1:
+    return slices
   wants_dcn = any(int(config.mesh.dcn[a]) != 1 for a in MESH_AXES)
   return len({d.process_index for d in devices}) if wants_dcn else 1
 
@@ -50,7 +56,7 @@ def make_mesh(config, devices=None) -> Mesh:
   if slices > 1:
     # Inner (ICI) axes stay within a slice; DCN axes step across slices/hosts.
     grid = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+        ici_shape, dcn_shape, devices, process_is_granule=len(_slice_ids(devices)) == 1)
   else:
     try:  # TPU: lay the axes out along the physical torus
       grid = mesh_utils.create_device_mesh(ici_shape, devices)
@@ -84,16 +90,17 @@ def _axes(entry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def fit_spec(spec: P, shape, mesh: Mesh) -> P:
+def fit_spec(spec: P, shape, sizes) -> P:
   """Drops mesh axes that do not divide their dimension (e.g. 2 kv heads on tensor=4, or an odd
-  vocabulary on tensor=2): that dimension is then replicated over those axes instead of failing."""
+  vocabulary on tensor=2): that dimension is then replicated over those axes instead of failing.
+  sizes: mesh axis -> size (e.g. `mesh.shape`)."""
   out = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     kept, size = [], 1
     for axis in _axes(entry):
-      if dim % (size * mesh.shape[axis]) == 0:
+      if dim % (size * sizes[axis]) == 0:
         kept.append(axis)
-        size *= mesh.shape[axis]
+        size *= sizes[axis]
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*out)
 
@@ -108,7 +115,7 @@ def tree_shardings(boxed_abstract, mesh: Mesh, rules):
   shapes = nn.meta.unbox(boxed_abstract)
   is_spec = lambda x: isinstance(x, P)
   return jax.tree.map(
-      lambda names, leaf: NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), leaf.shape, mesh)),
+      lambda names, leaf: NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), leaf.shape, mesh.shape)),
       logical, shapes, is_leaf=is_spec)
 
 
