@@ -32,8 +32,8 @@ LAYOUTS = {  # name -> mesh sizes (data, fsdp, sequence, tensor)
 def gpt_config(**model):
   """A small GPT-2-style model (biases, learned positions, tied embeddings) in float32."""
   c = cfglib.default_config()
-  c.model.update(vocab_size=VOCAB, num_layers=2, num_heads=4, embed_dim=128, max_seq_len=32,
-                 dtype="float32", param_dtype="float32", **model)
+  c.model.update(dict(dict(vocab_size=VOCAB, num_layers=2, num_heads=4, embed_dim=128,
+                           max_seq_len=32, dtype="float32", param_dtype="float32"), **model))
   c.data.update(seq_len=32, batch_size=16)
   c.optim.update(lr=3e-3, warmup_steps=1)
   c.train.update(steps=STEPS)
@@ -105,6 +105,21 @@ def main(out_path: str) -> None:
   losses, params, *_ = train(config, devices[:1], state=single_state)
   info["losses"]["unrolled"] = losses
   arrays.update(flat(params, "unrolled"))
+
+  # Remat policies: gradients of the same loss, and the compiler's temporary (activation) bytes.
+  from llmjax import train as trainlib
+  from llmjax.model import Transformer
+  from llmjax.model.transformer import REMAT_POLICIES
+  batch = next(batches(config))
+  info["remat_temp"] = {}
+  with jax.default_device(devices[0]):
+    for policy in REMAT_POLICIES:
+      model = Transformer(cfglib.model_config(gpt_config(remat_policy=policy), VOCAB))
+      loss_fn = trainlib.make_loss_fn(model)
+      grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, jax.random.key(0), True)[0]))
+      compiled = grad_fn.lower(single_state.params, batch).compile()
+      arrays.update(flat(jax.device_get(compiled(single_state.params, batch)), f"grads_{policy}"))
+      info["remat_temp"][policy] = compiled.memory_analysis().temp_size_in_bytes
   np.savez(out_path, **arrays)
   with open(out_path + ".json", "w") as f:
     json.dump(info, f)
