@@ -28,10 +28,11 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "pyyaml>=6",         # tests parse launch/skypilot.yaml
         ],
         "hf": ["transformers>=4.45", "tokenizers>=0.19"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
-    entry_points={"console_scripts": ["llmjax=llmjax.main:run"]},
+    entry_points={"console_scripts": ["llmjax=llmjax.main:run", "llmjax-plan=llmjax.plan:run"]},
 )
