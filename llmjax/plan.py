@@ -204,7 +204,7 @@ def plan(config, topology: Topology | None, vocab_size: int | None, backend: str
       for axis in cfglib.MESH_AXES:
         config.mesh[axis] = ici[axis] * dcn[axis]
         config.mesh.dcn[axis] = 1
-  slices = topology.num_slices if topology is not None else 1
+  slices = topology.num_slices if (topology is not None and backend == "tpu") else 1
   cfglib.validate(config, num_devices=len(devices), num_slices=slices)
   mesh = shd.make_mesh(config, devices)
   report = memory_report(config, mesh, vocab)

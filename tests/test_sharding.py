@@ -254,3 +254,40 @@ def test_golden_partition_specs(experiment):
   emb = "['token_embedding']"
   assert params[emb]["spec"] == ["tensor", "fsdp"]
   assert all("fsdp" in json.dumps(p["spec"]) for k, p in params.items() if "kernel" in k)
+
+
+# -- memory planning (llmjax.plan) ----------------------------------------------------------------
+def test_parse_topology():
+  t = planlib.parse_topology("v5p-64")
+  assert (t.num_devices, t.num_slices, t.hbm_bytes) == (32, 1, 95 * planlib.GIB)
+  t = planlib.parse_topology("2xv5e-256")
+  assert (t.num_devices, t.devices_per_slice, t.num_slices) == (512, 256, 2)
+  assert planlib.parse_topology("h100-8").hbm_bytes == 80 * planlib.GIB
+  with pytest.raises(planlib.PlanError, match="is not understood"):
+    planlib.parse_topology("v9-8")
+  with pytest.raises(planlib.PlanError, match="N must be even"):
+    planlib.parse_topology("v4-1")
+
+
+def test_plan_cli_compiles_for_a_two_slice_target(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = run_cli(["-m", "llmjax.plan", "--config=experiments/gpt_small.py:tiny", "--topology=2xcpu-4",
+                  "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.dcn.data=2",
+                  f"--json={out}"], env_extra={"XLA_FLAGS": FAST_XLA}, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh data=2 x fsdp=4 x sequence=1 x tensor=1 over 8 devices (cpu compile)" in proc.stdout
+  for row in ("parameters", "optimizer state", "temporaries", "estimated peak"):
+    assert row in proc.stdout
+  report = json.loads(out.read_text())
+  # gpt_small:tiny with the default sentencepiece vocabulary of its config (512 ids).
+  assert report["vocab_size"] == 512 and report["devices"] == 8
+  # Parameters are fsdp-sharded 4 ways (data replicates): within 5% of a quarter of fp32 params.
+  assert report["params_bytes"] <= report["num_params"] * 4 / 4 * 1.05
+  assert report["optimizer_bytes"] >= 2 * report["params_bytes"] * 0.95  # AdamW: mu and nu
+  assert report["temp_bytes"] > 0 and report["peak_bytes"] >= report["argument_bytes"]
+
+
+def test_plan_cli_bad_topology_is_one_line():
+  proc = run_cli(["-m", "llmjax.plan", "--config=experiments/gpt_small.py", "--topology=v5e"])
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("llmjax: error: --topology='v5e'")
