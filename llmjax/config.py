@@ -232,21 +232,21 @@ def _check_rules(config: ml_collections.ConfigDict) -> None:
     _need(len(set(axes)) == len(axes), f"mesh.rules.{name}={value!r} repeats a mesh axis")
 
 
-def _resolve(sizes: dict[str, int], total: int, what: str, fix: str) -> dict[str, int]:
+def _resolve(sizes: dict[str, int], total: int, what: str, unit: str, fix: str) -> dict[str, int]:
   """Fills the (at most one) -1 entry so that the sizes multiply to `total`."""
   free = [a for a, s in sizes.items() if s == -1]
   _need(len(free) <= 1, f"only one {what} size may be -1, got {', '.join(free)}")
   for axis, size in sizes.items():
-    _need(size == -1 or size >= 1, f"{what} size {axis}={size} must be -1 or a positive integer")
+    _need(size == -1 or size >= 1, f"{what}.{axis}={size} must be -1 or a positive integer")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     _need(total % fixed == 0,
-          f"the {what} sizes {_describe(sizes)} need a multiple of {fixed} but there are {total} "
-          f"{fix}")
+          f"the {what} {_describe(sizes)} needs a multiple of {fixed} {unit} but there are "
+          f"{total}; {fix}")
     sizes = dict(sizes, **{free[0]: total // fixed})
   _need(math.prod(sizes.values()) == total,
-        f"the {what} sizes {_describe(sizes)} multiply to {math.prod(sizes.values())} but there are "
-        f"{total} {fix}")
+        f"the {what} {_describe(sizes)} multiplies to {math.prod(sizes.values())} but there are "
+        f"{total} {unit}; {fix}")
   return sizes
 
 
@@ -260,15 +260,15 @@ def mesh_layout(config: ml_collections.ConfigDict, num_devices: int,
   dcn = {a: int(config.mesh.dcn[a]) for a in MESH_AXES}
   if num_slices is None:
     num_slices = math.prod(s for s in dcn.values() if s > 0)
-  dcn = _resolve(dcn, num_slices, "mesh.dcn",
-                 "slices (TPU slices, or processes when devices have no slice index); "
-                 "set mesh.dcn.* to multiply to the slice count")
+  dcn = _resolve(dcn, num_slices, "mesh.dcn", "slices",
+                 "slices are TPU slices, or processes when devices have no slice index; set "
+                 "mesh.dcn.* to multiply to the slice count")
   _need(num_devices % num_slices == 0,
         f"{num_devices} devices cannot be split evenly into {num_slices} slices; check mesh.dcn.*")
   per_slice = num_devices // num_slices
-  where = f"devices per slice" if num_slices > 1 else "devices"
-  ici = _resolve(ici, per_slice, "mesh",
-                 f"{where}; make mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor equal {per_slice} "
+  unit = "devices per slice" if num_slices > 1 else "devices"
+  ici = _resolve(ici, per_slice, "mesh", unit,
+                 f"make mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor equal {per_slice} "
                  "(or set one of them to -1)")
   return ici, dcn
 

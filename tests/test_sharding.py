@@ -151,12 +151,12 @@ def test_fit_spec_replicates_dimensions_that_do_not_divide():
 
 
 @pytest.mark.parametrize("mesh, devices, slices, message", [
-    (dict(data=3), 8, None, "mesh sizes data=3 x fsdp=1 x sequence=1 x tensor=1 multiply to 3 but there are 8 devices"),
-    (dict(data=-1, fsdp=3), 8, None, "need a multiple of 3 but there are 8 devices"),
+    (dict(data=3), 8, None, "the mesh data=3 x fsdp=1 x sequence=1 x tensor=1 multiplies to 3 but there are 8 devices"),
+    (dict(data=-1, fsdp=3), 8, None, "needs a multiple of 3 devices but there are 8"),
     (dict(data=-1, fsdp=-1), 8, None, "only one mesh size may be -1"),
-    (dict(data=2, fsdp=2, dcn=dict(data=2)), 16, 2, "multiply to 4 but there are 8 devices per slice"),
-    (dict(data=-1, dcn=dict(data=4)), 8, 2, "mesh.dcn sizes data=4 x fsdp=1 x sequence=1 x tensor=1 multiply to 4 but there are 2 slices"),
-    (dict(fsdp=0), 8, None, "fsdp=0 must be -1 or a positive integer"),
+    (dict(data=2, fsdp=2, dcn=dict(data=2)), 16, 2, "multiplies to 4 but there are 8 devices per slice"),
+    (dict(data=-1, dcn=dict(data=4)), 8, 2, "the mesh.dcn data=4 x fsdp=1 x sequence=1 x tensor=1 multiplies to 4 but there are 2 slices"),
+    (dict(fsdp=0), 8, None, "mesh.fsdp=0 must be -1 or a positive integer"),
 ])
 def test_mesh_mismatch_is_one_line_error(mesh, devices, slices, message):
   config = _config(**{k: v for k, v in mesh.items() if k != "dcn"})
@@ -192,7 +192,7 @@ def test_cli_mesh_error_is_one_line():
                   "--workdir=/tmp/llmjax_unused", "--config.mesh.data=3"], devices=8, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("llmjax: error: the mesh sizes data=3") and "8 devices" in last
+  assert last.startswith("llmjax: error: the mesh data=3 x") and "8 devices" in last
 
 
 # -- golden PartitionSpec tables --------------------------------------------------------------------
