@@ -2,7 +2,8 @@
 writes what tests/test_sharding.py compares (losses, final params, memory figures) to a .npz file.
 
 One process for every layout saves JAX start-up and lets XLA reuse work between compiles.
-Usage (tests do this through conftest.run_cli with devices=8): python tests/spmd_driver.py OUT.npz
+Usage (tests do this through conftest.run_cli with devices=8):
+  python tests/spmd_driver.py OUT.npz [LAYOUT,LAYOUT,...]   (default: DEFAULT_LAYOUTS + extras)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ LAYOUTS = {  # name -> mesh sizes (data, fsdp, sequence, tensor)
     "data2_fsdp2_tensor2": dict(data=2, fsdp=2, sequence=1, tensor=2),
     "data2_sequence2_tensor2": dict(data=2, fsdp=1, sequence=2, tensor=2),
 }
+DEFAULT_LAYOUTS = ("single", "data8", "fsdp8", "fsdp4_tensor2", "data2_fsdp2_tensor2")
 
 
 def gpt_config(**model):
@@ -79,12 +81,13 @@ def flat(tree, prefix):
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, layouts=DEFAULT_LAYOUTS, extras: bool = True) -> None:
   devices = jax.devices()
   assert len(devices) == 8, f"run with 8 fake devices, got {len(devices)}"
   arrays, info = {}, {"losses": {}, "memory": {}, "collectives": {}}
   single_state = None
-  for name, sizes in LAYOUTS.items():
+  for name in layouts:
+    sizes = LAYOUTS[name]
     config = gpt_config()
     config.mesh.update(sizes)
     use = devices[:1] if name == "single" else devices
@@ -98,6 +101,12 @@ def main(out_path: str) -> None:
                                                              "reduce-scatter", "all-to-all"))
     arrays.update(flat(params, name))
     arrays.update(flat(init_params, f"init_{name}"))
+
+  if not extras:
+    np.savez(out_path, **arrays)
+    with open(out_path + ".json", "w") as f:
+      json.dump(info, f)
+    return
 
   # Scanned vs unrolled layers (the same stacked parameters, fully unrolled loop), one device.
   config = gpt_config(scan_layers=False)
@@ -126,4 +135,7 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if len(sys.argv) > 2:  # an explicit layout list: just those layouts (the first must be 'single')
+    main(sys.argv[1], tuple(sys.argv[2].split(",")), extras=False)
+  else:
+    main(sys.argv[1])

@@ -2,7 +2,7 @@
 train exactly like one process with 8 devices; only process 0 writes; all take part in checkpoints.
 """
 import json
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -38,13 +38,18 @@ def _load_state(step_dir: Path):
 def test_two_processes_match_one_process_with_8_devices(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   # 2 processes x 4 devices; the data axis spans the processes (DCN), fsdp stays inside each.
-  proc = run_cli(["launch/local.py", "--num_processes=2", "--devices_per_process=4",
-                  "--timeout=600", "--", "python", *TRAIN, f"--workdir={multi}",
-                  "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.dcn.data=2"],
-                 env_extra={"XLA_FLAGS": FAST_XLA}, timeout=700)
+  # The 1-process x 8-device reference runs at the same time (the machine has idle time while
+  # the two processes wait on each other).
+  multi_cmd = ["launch/local.py", "--num_processes=2", "--devices_per_process=4", "--timeout=600",
+               "--", "python", *TRAIN, f"--workdir={multi}", "--config.mesh.data=1",
+               "--config.mesh.fsdp=4", "--config.mesh.dcn.data=2"]
+  single_cmd = [*TRAIN, f"--workdir={single}", "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+  with ThreadPoolExecutor(2) as pool:
+    multi_run = pool.submit(run_cli, multi_cmd, env_extra={"XLA_FLAGS": FAST_XLA}, timeout=700)
+    single_run = pool.submit(run_cli, single_cmd, timeout=700, env_extra={
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}"})
+    proc, ref = multi_run.result(), single_run.result()
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-  ref = run_cli([*TRAIN, f"--workdir={single}", "--config.mesh.data=2", "--config.mesh.fsdp=4"],
-                env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}"})
   assert ref.returncode == 0, ref.stderr[-3000:]
 
   out = proc.stdout

@@ -26,7 +26,7 @@ import spmd_driver  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-MULTI = [n for n in spmd_driver.LAYOUTS if n != "single"]
+MULTI = [n for n in spmd_driver.DEFAULT_LAYOUTS if n != "single"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,21 @@ def test_every_mesh_trains_like_one_device(driver, layout):
   # ...and the parameters really moved (5 steps at lr 3e-3), so equality is not vacuous.
   moved = max(float(np.max(np.abs(ref_p[k] - arrays[f"init_single/{k}"]))) for k in ref_p)
   assert moved > 1e-3
+
+
+@pytest.mark.slow
+def test_sequence_parallel_trains_like_one_device(tmp_path):
+  """(data=2, sequence=2, tensor=2): activations split along the sequence axis."""
+  out = str(tmp_path / "seq.npz")
+  proc = run_cli(["tests/spmd_driver.py", out, "single,data2_sequence2_tensor2"], timeout=900,
+                 env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info, arrays = json.loads(open(out + ".json").read()), dict(np.load(out))
+  np.testing.assert_allclose(info["losses"]["data2_sequence2_tensor2"], info["losses"]["single"],
+                             rtol=1e-5)
+  ref, got = _params(arrays, "single"), _params(arrays, "data2_sequence2_tensor2")
+  assert max(float(np.max(np.abs(ref[k] - got[k]))) for k in ref) <= 1e-5
+  assert info["collectives"]["data2_sequence2_tensor2"] > 0
 
 
 def test_sharded_init_equals_unsharded_init(driver):
