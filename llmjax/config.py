@@ -29,8 +29,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       path="",               # '' -> embedded corpus; a text file or glob; or a .bin/.npy token array
       val_path="",           # optional separate validation text/tokens; '' -> split off val_fraction
-      tokenizer="char",      # 'char' | 'byte' | 'sentencepiece'
-      tokenizer_path="",     # an existing sentencepiece .model; '' -> train one from the corpus
+      tokenizer="char",      # 'char' | 'byte' | 'sentencepiece' | 'hf' (a Hugging Face tokenizer)
+      tokenizer_path="",     # sentencepiece: an existing .model ('' -> train one from the corpus);
+                             # hf: a directory holding tokenizer.json or tokenizer.model
       sp_vocab_size=2048,    # vocabulary size when training a sentencepiece model
       token_dtype="uint16",  # dtype of a raw .bin token file
       val_fraction=0.1,
@@ -111,13 +112,14 @@ def default_config() -> ml_collections.ConfigDict:
 CHOICES = {
     "model.position": ("learned", "rotary", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.logits_dtype": ("float32", "bfloat16"),
     "model.remat_policy": tuple(REMAT_POLICIES),
     "model.attention_impl": ("auto", "xla", "cudnn"),
-    "data.tokenizer": ("char", "byte", "sentencepiece"),
+    "data.tokenizer": ("char", "byte", "sentencepiece", "hf"),
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("causal_lm", "masked_lm"),
@@ -184,12 +186,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   head_dim = m.head_dim or m.embed_dim // m.num_heads
   _need(m.position != "rotary" or head_dim % 2 == 0,
         f"rotary positions need an even head dimension, got {head_dim}; change model.head_dim")
+  _need(m.rope_scaling == "none" or m.rope_scaling_factor > 0,
+        f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive")
+  _need(m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
+        "model.rope_scaling='llama3' needs rope_high_freq_factor > rope_low_freq_factor > 0")
   _need(d.seq_len <= m.max_seq_len,
         f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
         "raise model.max_seq_len or shorten data.seq_len")
   _need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
   _need(0.0 < d.val_fraction < 1.0 or bool(d.val_path),
         f"data.val_fraction={d.val_fraction} must be in (0, 1) unless data.val_path is set")
+  _need(d.tokenizer != "hf" or d.tokenizer_path,
+        "data.tokenizer='hf' needs data.tokenizer_path=<directory with tokenizer.json or "
+        "tokenizer.model> (runs created by `llmjax.convert hf_import` already carry theirs)")
   _need(d.tokenizer != "sentencepiece" or d.tokenizer_path or d.sp_vocab_size >= 16,
         "data.sp_vocab_size must be at least 16 to train a sentencepiece tokenizer")
   _need(d.batch_size % t.grad_accum_steps == 0,

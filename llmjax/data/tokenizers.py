@@ -172,6 +172,14 @@ def build_tokenizer(data_config, corpus_text: str | None):
     if corpus_text is None:
       raise ValueError("data.tokenizer='char' needs the text corpus to build its vocabulary")
     return CharTokenizer.from_text(corpus_text)
+  if kind == "hf":
+    from llmjax.data.hf_tokenizer import HFTokenizer
+    path = Path(data_config.tokenizer_path)
+    tokenizer = HFTokenizer.from_hf_dir(path) if path.is_dir() else None
+    if tokenizer is None:
+      raise FileNotFoundError(f"data.tokenizer_path={data_config.tokenizer_path} is not a directory "
+                              "holding tokenizer.json or tokenizer.model")
+    return tokenizer
   if data_config.tokenizer_path:
     if not Path(data_config.tokenizer_path).exists():
       raise FileNotFoundError(f"data.tokenizer_path={data_config.tokenizer_path} does not exist")

@@ -41,8 +41,8 @@ class Attention(nn.Module):
     k = DenseGeneral(cfg, (kv, hd), ("embed", "kv_heads", "kv"), use_bias=cfg.use_bias, name="key")(x)
     v = DenseGeneral(cfg, (kv, hd), ("embed", "kv_heads", "kv"), use_bias=cfg.use_bias, name="value")(x)
     if cfg.position == "rotary":
-      q = apply_rotary(q, positions, cfg.rope_theta)
-      k = apply_rotary(k, positions, cfg.rope_theta)
+      q = apply_rotary(q, positions, cfg.rope_theta, cfg.rope_scaling_params)
+      k = apply_rotary(k, positions, cfg.rope_theta, cfg.rope_scaling_params)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     k = constrain(k, ("batch", "length", "kv_heads", "kv"))
     v = constrain(v, ("batch", "length", "kv_heads", "kv"))

@@ -22,6 +22,14 @@ class TransformerConfig:
   max_seq_len: int = 256
   position: str = "learned"    # 'learned' | 'rotary' | 'none'
   rope_theta: float = 10000.0
+  # RoPE frequency scaling for long context (as in Hugging Face's rope_scaling / rope_parameters):
+  # 'none'; 'linear' (every frequency / factor); 'llama3' (Llama 3.1: low frequencies / factor,
+  # high ones kept, a smooth ramp between, set by the two freq factors and the original context).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm: str = "layernorm"      # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
   mlp: str = "gelu"            # 'gelu' | 'swiglu'
@@ -48,6 +56,14 @@ class TransformerConfig:
   @property
   def hidden_dim(self) -> int:
     return self.mlp_dim or 4 * self.embed_dim
+
+  @property
+  def rope_scaling_params(self) -> tuple | None:
+    """Hashable (kind, factor, low, high, original_len) for apply_rotary, or None."""
+    if self.rope_scaling == "none":
+      return None
+    return (self.rope_scaling, self.rope_scaling_factor, self.rope_low_freq_factor,
+            self.rope_high_freq_factor, self.rope_original_max_len)
 
   @property
   def compute_dtype(self):

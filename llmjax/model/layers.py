@@ -103,17 +103,33 @@ class Mlp(nn.Module):
     return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 
-def rotary_frequencies(head_dim: int, theta: float) -> jax.Array:
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rotary_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+  """Inverse frequencies theta^(-2i/d), optionally rescaled (see TransformerConfig.rope_scaling)."""
+  freqs = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return freqs
+  kind, factor, low, high, original_len = scaling
+  if kind == "linear":
+    return freqs / factor
+  if kind == "llama3":
+    # Wavelengths longer than original_len/low are slowed down by `factor`, shorter than
+    # original_len/high are kept, and the band between is interpolated linearly in 1/wavelength.
+    wavelen = 2 * jnp.pi / freqs
+    smooth = (original_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    return jnp.where(wavelen > original_len / low, freqs / factor,
+                     jnp.where(wavelen < original_len / high, freqs, blended))
+  raise ValueError(f"unknown rope scaling {kind!r}; expected 'none', 'linear' or 'llama3'")
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float,
+                 scaling: tuple | None = None) -> jax.Array:
   """Rotate pairs (x[..., i], x[..., i + d/2]) by position * freq_i (the Llama / HF "rotate_half" layout).
 
   x: [batch, length, heads, head_dim]; positions: [batch, length] integer positions.
   """
   d = x.shape[-1]
-  freqs = rotary_frequencies(d, theta)                                   # [d/2]
+  freqs = rotary_frequencies(d, theta, scaling)                          # [d/2]
   angles = positions[..., None].astype(jnp.float32) * freqs             # [b, t, d/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]

@@ -1,0 +1,328 @@
+"""Hugging Face interop, checked against transformers + CPU torch (test-only dependencies).
+
+Tiny randomly initialized HF models (2 layers, 64 wide; every weight perturbed so that no norm
+scale is 1 and no bias is 0) are saved with save_pretrained; after import, llmjax's logits and
+greedy continuations must match PyTorch's. torch and transformers are imported once per module.
+"""
+import json
+import logging
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from llmjax import convert
+from llmjax.convert import files
+from llmjax.generate import generate
+from llmjax.model import Transformer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+VOCAB = 320          # > the tokenizer's 300 tokens, like real models padded to a multiple
+TEXT = ("First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+        "First Citizen: You are all resolved rather to die than to famish?\n") * 20
+
+
+def _tokenizer():
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([TEXT], trainer)
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def _perturb(model, seed):
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model.eval()
+
+
+def _hf_configs():
+  c = transformers
+  common = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  llama = dict(common, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+               num_hidden_layers=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+  return {
+      "gpt2": (c.GPT2LMHeadModel, c.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                               resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **common)),
+      # GQA, untied embeddings, non-default rope theta
+      "llama": (c.LlamaForCausalLM, c.LlamaConfig(num_key_value_heads=2, rope_theta=500000.0,
+                                                  tie_word_embeddings=False, **llama)),
+      # tied embeddings, attention biases only, head_dim != hidden/heads, Llama 3.1 rope scaling
+      # exercised beyond its original context of 32
+      "llama3_bias": (c.LlamaForCausalLM, c.LlamaConfig(
+          num_key_value_heads=1, head_dim=32, attention_bias=True, mlp_bias=False,
+          tie_word_embeddings=True,
+          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, **llama)),
+      "mistral_linear": (c.MistralForCausalLM, c.MistralConfig(
+          num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False,
+          rope_scaling={"rope_type": "linear", "factor": 2.0}, **llama)),
+  }
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+  """name -> (torch model, directory written by save_pretrained with a tokenizer)."""
+  tokenizer = _tokenizer()
+  out = {}
+  for seed, (name, (cls, config)) in enumerate(_hf_configs().items()):
+    model = _perturb(cls(config), seed)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    out[name] = (model, path)
+  return out
+
+
+def _torch_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+
+
+def _ids(length=48, batch=2, seed=0):
+  return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "llama3_bias", "mistral_linear"])
+def test_imported_logits_match_pytorch(hf, name):
+  model, path = hf[name]
+  loaded = convert.load_hf(path)
+  ids = _ids(length=60)
+  ours = np.asarray(loaded.model.apply({"params": loaded.params}, jnp.asarray(ids)))
+  theirs = _torch_logits(model, ids)
+  assert ours.shape == theirs.shape
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+  assert np.abs(theirs).max() > 0.5  # not a vacuous comparison of near-zero logits
+
+
+def test_imported_config_maps_every_feature(hf):
+  llama = convert.load_hf(hf["llama"][1]).model_config
+  assert (llama.num_kv_heads, llama.rope_theta, llama.tie_embeddings, llama.norm_eps) == (2, 5e5, False, 1e-5)
+  scaled = convert.load_hf(hf["llama3_bias"][1]).model_config
+  assert (scaled.rope_scaling, scaled.rope_scaling_factor, scaled.rope_original_max_len) == ("llama3", 8.0, 32)
+  assert scaled.use_bias and scaled.tie_embeddings and scaled.dim_per_head == 32
+  gpt2 = convert.load_hf(hf["gpt2"][1]).model_config
+  assert (gpt2.position, gpt2.norm, gpt2.mlp, gpt2.use_bias, gpt2.max_seq_len) == ("learned", "layernorm", "gelu", True, 64)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_greedy_generation_matches_transformers(hf, name):
+  model, path = hf[name]
+  loaded = convert.load_hf(path)
+  prompts = _ids(length=8, batch=2, seed=3)
+  with torch.no_grad():
+    theirs = model.generate(torch.as_tensor(prompts, dtype=torch.long),
+                            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                            max_new_tokens=32, do_sample=False, pad_token_id=0)
+  theirs = theirs[:, prompts.shape[1]:].numpy().tolist()
+  ours = generate(loaded.model, loaded.params, prompts.tolist(), 32, temperature=0.0)
+  assert ours == theirs
+  assert len(set(ours[0])) > 1  # a continuation that actually varies
+
+
+def test_tokenizer_json_matches_transformers(hf, tmp_path):
+  path = hf["gpt2"][1]
+  theirs = transformers.AutoTokenizer.from_pretrained(path)
+  ours = convert.load_hf(path).tokenizer
+  text = "First Citizen: speak, speak! Ünïcode too.\n"
+  assert ours.kind == "hf" and ours.vocab_size == len(theirs)
+  assert ours.encode(text) == theirs(text)["input_ids"]
+  assert ours.decode(ours.encode(text)) == text
+  assert ours.eos_id == theirs.eos_token_id
+  ours.save(tmp_path)  # into a run directory and back
+  from llmjax.data import load_tokenizer
+  again = load_tokenizer(tmp_path)
+  assert again.encode(text) == ours.encode(text) and again.eos_id == ours.eos_id
+
+
+def test_cli_import_makes_a_run_that_loads_and_generates(hf, tmp_path):
+  model, path = hf["llama"]
+  workdir = tmp_path / "run"
+  proc = run_cli(["-m", "llmjax.convert", "hf_import", f"--hf_dir={path}", f"--workdir={workdir}"])
+  assert proc.returncode == 0, proc.stderr
+  assert "imported llama" in proc.stdout
+  from llmjax import runs
+  run = runs.load_run(workdir)
+  assert run.tokenizer.kind == "hf" and run.step == 0
+  assert run.config.data.tokenizer == "hf"
+  prompts = _ids(length=5, batch=1, seed=7).tolist()
+  direct = convert.load_hf(path)
+  assert (generate(run.model, run.params, prompts, 8, temperature=0.0)
+          == generate(direct.model, direct.params, prompts, 8, temperature=0.0))
+  again = run_cli(["-m", "llmjax.convert", "hf_import", f"--hf_dir={path}", f"--workdir={workdir}"])
+  assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3_bias"])
+def test_round_trip_hf_llmjax_hf_llmjax_is_exact(hf, name, tmp_path):
+  first = convert.load_hf(hf[name][1])
+  convert.save_hf(first.model_config, first.params, tmp_path, tokenizer=first.tokenizer)
+  second = convert.load_hf(tmp_path)
+  assert second.model_config == first.model_config
+  _assert_trees_equal(first.params, second.params)
+  assert second.tokenizer.encode(TEXT[:80]) == first.tokenizer.encode(TEXT[:80])
+
+
+def _load_transformers(path, caplog):
+  """from_pretrained with its loading report and logs; both must be free of weight warnings."""
+  logger = logging.getLogger("transformers")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="transformers"):
+    logger.addHandler(caplog.handler)
+    try:
+      model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    finally:
+      logger.removeHandler(caplog.handler)
+  for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+    assert not info.get(key), (key, info[key])
+  text = caplog.text.lower()
+  for phrase in ("not used", "newly initialized", "missing", "unexpected", "not initialized"):
+    assert phrase not in text, caplog.text
+  return model.eval()
+
+
+LLMJAX_MODELS = {
+    # what shakespeare_char trains: LayerNorm without biases -> GPT-2 with zero biases
+    "gpt2_nobias": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=False,
+                        tie_embeddings=True),
+    "gpt2_untied": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True,
+                        tie_embeddings=False, mlp_dim=96),
+    "llama_bias_scaled": dict(position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=True,
+                              num_kv_heads=2, tie_embeddings=False, rope_theta=1234.0,
+                              rope_scaling="llama3", rope_scaling_factor=4.0,
+                              rope_original_max_len=16, mlp_dim=80),
+}
+
+
+@pytest.mark.parametrize("name", LLMJAX_MODELS)
+def test_export_loads_in_transformers_sharded_and_round_trips(name, tmp_path, caplog):
+  """llmjax -> HF (sharded) -> transformers gives the same logits with no weight warnings, and
+  HF -> llmjax gives back exactly the same parameters."""
+  from llmjax.model import TransformerConfig
+  import flax.linen as nn
+  cfg = TransformerConfig(vocab_size=VOCAB, num_layers=2, num_heads=4, embed_dim=64,
+                          max_seq_len=64, norm_eps=1e-5, **LLMJAX_MODELS[name])
+  model = Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+  # Perturb so norms and biases carry information.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  written = convert.save_hf(cfg, params, tmp_path, max_shard_bytes=40_000)
+  assert files.INDEX in written and len([w for w in written if w.endswith(".safetensors")]) > 1
+  torch_model = _load_transformers(tmp_path, caplog)
+  ids = _ids(length=40, seed=5)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))),
+                             _torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+  back = convert.load_hf(tmp_path)  # a sharded directory imports
+  assert back.model_config == cfg
+  _assert_trees_equal(jax.tree.map(np.asarray, params), back.params)
+
+
+def test_shakespeare_char_run_exports_to_transformers(tmp_path, caplog):
+  """Train the shakespeare_char configuration (shrunk) for a few steps with the CLI, export it
+  with the CLI, and compare transformers' logits and tokenizer with llmjax's."""
+  workdir, out = tmp_path / "run", tmp_path / "hf"
+  train = run_cli(["-m", "llmjax.main", "--config=experiments/shakespeare_char.py",
+                   f"--workdir={workdir}", "--config.model.num_layers=2",
+                   "--config.model.embed_dim=64", "--config.train.steps=3",
+                   "--config.train.eval_every=0", "--config.train.eval_batches=1",
+                   "--config.train.sample_tokens=0", "--config.train.progress=False",
+                   "--config.train.tensorboard=False", "--config.optim.warmup_steps=1"])
+  assert train.returncode == 0, train.stderr
+  export = run_cli(["-m", "llmjax.convert", "hf_export", f"--workdir={workdir}", f"--hf_dir={out}"])
+  assert export.returncode == 0, export.stderr
+  assert (out / files.SINGLE).exists() and (out / "config.json").exists()
+  from llmjax import runs
+  run = runs.load_run(workdir)
+  assert run.step == 3 and not run.model_config.use_bias
+  torch_model = _load_transformers(out, caplog)
+  text = "To be, or not to be: that is the question.\n"
+  ids = np.asarray([run.tokenizer.encode(text)], np.int32)
+  np.testing.assert_allclose(np.asarray(run.model.apply({"params": run.params}, jnp.asarray(ids))),
+                             _torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert hf_tok(text)["input_ids"] == run.tokenizer.encode(text)
+  assert hf_tok.decode(run.tokenizer.encode(text)) == text
+  # Exporting again over an existing export is refused (never overwrite a user's weights).
+  again = run_cli(["-m", "llmjax.convert", "hf_export", f"--workdir={workdir}", f"--hf_dir={out}"])
+  assert again.returncode == 2 and "already holds" in again.stderr
+
+
+def test_pickle_only_directory_is_refused_with_a_fix(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8, "n_layer": 1,
+                                                    "n_head": 2, "n_positions": 8, "vocab_size": 8}))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded, ever")
+  with pytest.raises(convert.ConversionError, match="pickle.*safe_serialization=True"):
+    convert.load_hf(tmp_path)
+  proc = run_cli(["-m", "llmjax.convert", "hf_import", f"--hf_dir={tmp_path}",
+                  f"--workdir={tmp_path / 'run'}"])
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("llmjax: error:") and "pickle" in lines[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "unsupported.*'bert'.*BertForMaskedLM"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
+    ({"model_type": "mistral", "sliding_window": 64}, "sliding_window=64"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+])
+def test_unsupported_features_are_refused_by_name(hf, tmp_path, change, message):
+  config = json.loads((hf["llama"][1] / "config.json").read_text())
+  config.update(change)
+  config.pop("rope_parameters", None) if "rope_scaling" in change else None
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(convert.ConversionError, match=message):
+    convert.load_hf(tmp_path)
+
+
+def test_unexpected_or_missing_weights_are_refused(hf, tmp_path):
+  from safetensors.numpy import save_file
+  from llmjax.convert.files import read_weights
+  tensors = read_weights(hf["llama"][1])
+  (tmp_path / "config.json").write_text((hf["llama"][1] / "config.json").read_text())
+  save_file({**tensors, "model.layers.0.extra.weight": np.zeros(3, np.float32)},
+            str(tmp_path / "model.safetensors"))
+  with pytest.raises(convert.ConversionError, match="extra.weight.*drop them silently"):
+    convert.load_hf(tmp_path)
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(convert.ConversionError, match="layers.1.mlp.up_proj.weight.*missing"):
+    convert.load_hf(tmp_path)
+
+
+def test_export_refuses_models_without_an_hf_twin(tmp_path):
+  from llmjax.model import TransformerConfig
+  with pytest.raises(convert.ConversionError, match="no Hugging Face architecture"):
+    convert.save_hf(TransformerConfig(position="rotary", norm="layernorm"), {}, tmp_path)
+  with pytest.raises(convert.ConversionError, match="bidirectional"):
+    convert.save_hf(TransformerConfig(causal=False), {}, tmp_path)
+  assert not list(tmp_path.iterdir())
+
+
+def test_import_without_a_tokenizer_is_refused_but_load_hf_works(hf, tmp_path):
+  import shutil
+  for name in ("config.json", "model.safetensors"):
+    shutil.copyfile(hf["gpt2"][1] / name, tmp_path / name)
+  assert convert.load_hf(tmp_path).tokenizer is None
+  with pytest.raises(convert.ConversionError, match="no tokenizer.json or tokenizer.model"):
+    convert.import_hf(tmp_path, tmp_path / "run")
