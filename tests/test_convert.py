@@ -146,7 +146,9 @@ def test_tokenizer_json_matches_transformers(hf, tmp_path):
   assert again.encode(text) == ours.encode(text) and again.eos_id == ours.eos_id
 
 
-def test_cli_import_makes_a_run_that_loads_and_generates(hf, tmp_path):
+def test_cli_import_makes_a_run_that_trains_loads_and_generates(hf, tmp_path):
+  """hf_import via the CLI; llmjax.main keeps training the imported run (its config through
+  experiments/from_run.py, its HF tokenizer on a new text file); load_run and generate accept it."""
   model, path = hf["llama"]
   workdir = tmp_path / "run"
   proc = run_cli(["-m", "llmjax.convert", "hf_import", f"--hf_dir={path}", f"--workdir={workdir}"])
@@ -154,10 +156,26 @@ def test_cli_import_makes_a_run_that_loads_and_generates(hf, tmp_path):
   assert "imported llama" in proc.stdout
   from llmjax import runs
   run = runs.load_run(workdir)
-  assert run.tokenizer.kind == "hf" and run.step == 0
-  assert run.config.data.tokenizer == "hf"
+  assert run.tokenizer.kind == "hf" and run.step == 0 and run.config.data.tokenizer == "hf"
   _assert_trees_equal(jax.tree.map(np.asarray, run.params), convert.load_hf(path).params)
-  assert len(generate(run.model, run.params, [[1, 2, 3]], 4, temperature=0.0)[0]) == 4
+
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(TEXT * 5)
+  train = run_cli(["-m", "llmjax.main", f"--config=experiments/from_run.py:{workdir}",
+                   f"--workdir={workdir}", f"--config.data.path={corpus}", "--config.data.seq_len=32",
+                   "--config.data.batch_size=4", "--config.train.steps=2",
+                   "--config.train.eval_every=0", "--config.train.eval_batches=1",
+                   "--config.train.sample_tokens=0", "--config.train.progress=False",
+                   "--config.train.tensorboard=False"])
+  assert train.returncode == 0, train.stderr
+  trained = runs.load_run(workdir)
+  assert trained.step == 2
+  assert not np.array_equal(np.asarray(trained.params["token_embedding"]),
+                            np.asarray(run.params["token_embedding"]))
+  out = generate(trained.model, trained.params, [trained.tokenizer.encode("First")], 4,
+                 temperature=0.0)
+  assert len(out[0]) == 4 and isinstance(trained.tokenizer.decode(out[0]), str)
+
   again = run_cli(["-m", "llmjax.convert", "hf_import", f"--hf_dir={path}", f"--workdir={workdir}"])
   assert again.returncode == 2 and "already holds checkpoints" in again.stderr
 
@@ -321,3 +339,45 @@ def test_import_without_a_tokenizer_is_refused_but_load_hf_works(hf, tmp_path):
   assert convert.load_hf(tmp_path).tokenizer is None
   with pytest.raises(convert.ConversionError, match="no tokenizer.json or tokenizer.model"):
     convert.import_hf(tmp_path, tmp_path / "run")
+
+
+def test_byte_tokenizer_exports_exactly(tmp_path):
+  from llmjax.convert import tokenizer_export
+  from llmjax.data import ByteTokenizer
+  tok = ByteTokenizer()
+  tokenizer_export.save(tok, tmp_path)
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  text = " two  spaces\nÜnïcode ☃\t"
+  assert theirs(text)["input_ids"] == tok.encode(text)
+  assert theirs.decode(tok.encode(text)) == text
+
+
+def test_sentencepiece_tokenizer_model_imports_and_exports(tmp_path, monkeypatch):
+  """An HF directory with only tokenizer.model (Llama-2 style) gives a sentencepiece-backed HF
+  tokenizer honouring tokenizer_config.json; an llmjax sentencepiece run exports for LlamaTokenizer."""
+  import shutil
+  from llmjax.convert import tokenizer_export
+  from llmjax.data import load_tokenizer
+  from llmjax.data.hf_tokenizer import HFTokenizer
+  from llmjax.data.tokenizers import train_sentencepiece
+  monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
+  sp = train_sentencepiece(TEXT, 400)
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  shutil.copyfile(sp.model_file, hf_dir / "tokenizer.model")
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"add_eos_token": True, "eos_token": "</s>"}))
+  tok = HFTokenizer.from_hf_dir(hf_dir)
+  text = "First Citizen: speak, speak!"
+  assert tok.backend == "sentencepiece" and tok.eos_id == sp.eos_id
+  assert tok.encode(text) == sp.encode(text) + [sp.eos_id]
+  assert tok.decode(tok.encode(text)) == text
+  tok.save(tmp_path / "run")
+  again = load_tokenizer(tmp_path / "run")
+  assert again.encode(text) == tok.encode(text) and again.vocab_size == sp.vocab_size
+
+  out = tmp_path / "export"
+  out.mkdir()
+  with pytest.warns(UserWarning, match="normalization"):
+    tokenizer_export.save(sp, out)
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  assert theirs(text)["input_ids"] == sp.encode(text)

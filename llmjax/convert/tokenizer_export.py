@@ -3,12 +3,15 @@
 - 'hf' (an imported tokenizer): its original tokenizer.json / tokenizer.model and config.
 - 'char' and 'byte': an exact tokenizer.json built with the `tokenizers` library (one token per
   character / per UTF-8 byte, same ids, decoding by concatenation).
-- 'sentencepiece': the .model file with a tokenizer_config.json naming LlamaTokenizer.
+- 'sentencepiece': the .model file with a tokenizer_config.json naming LlamaTokenizer (same ids
+  for ordinary text; transformers re-implements sentencepiece's whitespace normalization, so runs
+  of spaces or newlines can differ: a warning says so).
 """
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 from llmjax.data.hf_tokenizer import HF_CONFIG, HF_JSON, SP_MODEL, _tokenizers
@@ -38,6 +41,9 @@ def save(tokenizer, out: Path) -> list[str]:
   if kind == "hf":
     return tokenizer.save_hf(out)
   if kind == "sentencepiece":
+    warnings.warn("exported the sentencepiece tokenizer.model for transformers' LlamaTokenizer, "
+                  "which re-implements sentencepiece's normalization: text with repeated spaces or "
+                  "newlines may tokenize differently there than in llmjax", stacklevel=2)
     shutil.copyfile(tokenizer.model_file, out / SP_MODEL)
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
               "legacy": True}
