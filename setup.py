@@ -29,8 +29,14 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "pyyaml>=6",         # tests parse launch/skypilot.yaml
+            # Hugging Face parity tests (tests/test_convert.py); tested with transformers 5.23.0
+            "torch==2.13.0",
+            "transformers>=5.23,<6",
+            "tokenizers>=0.23.1,<0.24",
         ],
-        "hf": ["transformers>=4.45", "tokenizers>=0.19"],
+        # Hugging Face import/export: tokenizer.json needs `tokenizers`; loading by hub id needs
+        # huggingface_hub. Weights themselves need only safetensors (a core dependency).
+        "hf": ["tokenizers>=0.23.1", "huggingface_hub>=1.31"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -381,3 +381,75 @@ def test_sentencepiece_tokenizer_model_imports_and_exports(tmp_path, monkeypatch
     tokenizer_export.save(sp, out)
   theirs = transformers.AutoTokenizer.from_pretrained(out)
   assert theirs(text)["input_ids"] == sp.encode(text)
+
+
+def test_bfloat16_import_and_export_keep_the_dtype(hf, tmp_path):
+  import ml_dtypes
+  loaded = convert.load_hf(hf["llama"][1], param_dtype="bfloat16")
+  assert loaded.model_config.param_dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {np.dtype(ml_dtypes.bfloat16)}
+  convert.save_hf(loaded.model_config, loaded.params, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  _assert_trees_equal(loaded.params, convert.load_hf(tmp_path, param_dtype="bfloat16").params)
+  with pytest.raises(convert.ConversionError, match="param_dtype"):
+    convert.load_hf(hf["llama"][1], param_dtype="float16")
+
+
+def test_rope_scaling_config_is_validated():
+  from llmjax import config as cfglib
+  c = cfglib.default_config()
+  c.model.update(position="rotary", rope_scaling="yarn")
+  with pytest.raises(cfglib.ConfigError, match="model.rope_scaling='yarn' is not one of"):
+    cfglib.validate(c)
+  c.model.update(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)
+  with pytest.raises(cfglib.ConfigError, match="rope_high_freq_factor > rope_low_freq_factor"):
+    cfglib.validate(c)
+
+
+def test_hub_ids_download_only_safe_files(hf, monkeypatch):
+  """No network here: a stand-in snapshot_download checks what llmjax asks the hub for (never
+  pickles or code) and serves the local directory; a failed download is one clear error."""
+  import huggingface_hub
+  calls = []
+
+  def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+    calls.append((repo_id, revision, allow_patterns))
+    if repo_id == "org/missing":
+      raise OSError("Repository Not Found\nmore detail")
+    return str(hf["gpt2"][1])
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  loaded = convert.load_hf("org/tiny-gpt2", revision="main")
+  assert loaded.family == "gpt2" and calls[0][:2] == ("org/tiny-gpt2", "main")
+  patterns = calls[0][2]
+  assert "*.safetensors" in patterns and not any(p.endswith((".bin", ".pt", ".py")) for p in patterns)
+  with pytest.raises(convert.ConversionError, match="cannot download org/missing.*Repository Not Found"):
+    convert.load_hf("org/missing")
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    convert.load_hf("./no/such/dir")
+
+
+def test_missing_tokenizers_library_says_how_to_install(hf, monkeypatch):
+  from llmjax.data import DataError
+  from llmjax.data.hf_tokenizer import HFTokenizer
+  monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
+  with pytest.raises(DataError, match=r"pip install llmjax\[hf\]"):
+    HFTokenizer.from_hf_dir(hf["gpt2"][1])
+
+
+def test_data_tokenizer_hf_reads_an_hf_or_run_directory(hf, tmp_path):
+  from llmjax import config as cfglib
+  from llmjax.data import build_tokenizer
+  c = cfglib.default_config()
+  c.data.tokenizer = "hf"
+  with pytest.raises(cfglib.ConfigError, match="data.tokenizer='hf' needs data.tokenizer_path"):
+    cfglib.validate(c)
+  c.data.tokenizer_path = str(hf["gpt2"][1])
+  tok = build_tokenizer(c.data, corpus_text=None)
+  assert tok.kind == "hf" and tok.vocab_size == 300
+  tok.save(tmp_path)  # an llmjax run directory: its tokenizer.json is llmjax's spec
+  c.data.tokenizer_path = str(tmp_path)
+  assert build_tokenizer(c.data, corpus_text=None).encode(TEXT[:50]) == tok.encode(TEXT[:50])
+  c.data.tokenizer_path = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
+    build_tokenizer(c.data, corpus_text=None)
