@@ -112,6 +112,14 @@ def test_imported_config_maps_every_feature(hf):
   scaled = convert.load_hf(hf["llama3_bias"][1]).model_config
   assert (scaled.rope_scaling, scaled.rope_scaling_factor, scaled.rope_original_max_len) == ("llama3", 8.0, 32)
   assert scaled.use_bias and scaled.tie_embeddings and scaled.dim_per_head == 32
+  # transformers v4 style: top-level rope_theta, rope_scaling with "type", and class defaults left
+  # out of config.json (save_pretrained wrote only non-default keys)
+  from llmjax.convert import hf_config
+  v4 = hf_config.to_llmjax({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+                            "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 10,
+                            "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
+  assert (v4.rope_theta, v4.rope_scaling, v4.rope_scaling_factor) == (5e5, "linear", 2.0)
+  assert (v4.norm_eps, v4.max_seq_len, v4.kv_heads, v4.tie_embeddings) == (1e-6, 2048, 4, False)
   gpt2 = convert.load_hf(hf["gpt2"][1]).model_config
   assert (gpt2.position, gpt2.norm, gpt2.mlp, gpt2.use_bias, gpt2.max_seq_len) == ("learned", "layernorm", "gelu", True, 64)
 

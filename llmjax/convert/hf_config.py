@@ -14,6 +14,21 @@ GPT2 = "gpt2"
 LLAMA = "llama"            # Llama 1/2/3 and Mistral share one weight layout
 SUPPORTED = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA}
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+# transformers' class defaults: save_pretrained in transformers v4 writes only the keys that
+# differ from them, so a missing key means exactly this value.
+DEFAULTS = {
+    "gpt2": dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024,
+                 layer_norm_epsilon=1e-5, activation_function="gelu_new",
+                 tie_word_embeddings=True),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                  hidden_act="silu"),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
+                    sliding_window=4096, tie_word_embeddings=False, hidden_act="silu"),
+}
 
 
 class ConversionError(ValueError):
@@ -66,6 +81,7 @@ def _mlp_dim(hidden: int | None, d: int) -> int:
 def to_llmjax(hf: Mapping[str, Any], param_dtype: str = "float32") -> TransformerConfig:
   """The llmjax model config for an HF config.json (already parsed)."""
   kind = family(hf)
+  hf = {**DEFAULTS[hf["model_type"]], **hf}
   common = dict(vocab_size=int(hf["vocab_size"]), causal=True, dropout=0.0,
                 param_dtype=param_dtype, dtype="float32")
   if kind == GPT2:
