@@ -184,8 +184,8 @@ def test_cli_import_makes_a_run_that_trains_loads_and_generates(hf, tmp_path):
                  temperature=0.0)
   assert len(out[0]) == 4 and isinstance(trained.tokenizer.decode(out[0]), str)
 
-  again = run_cli(["-m", "llmjax.convert", "hf_import", f"--hf_dir={path}", f"--workdir={workdir}"])
-  assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+  with pytest.raises(convert.ConversionError, match="already holds checkpoints"):
+    convert.import_hf(path, workdir)  # never overwrite a run
 
 
 def _assert_trees_equal(a, b):
@@ -203,6 +203,9 @@ def test_round_trip_hf_llmjax_hf_llmjax_is_exact(hf, name, tmp_path):
   assert second.model_config == first.model_config
   _assert_trees_equal(first.params, second.params)
   assert second.tokenizer.encode(TEXT[:80]) == first.tokenizer.encode(TEXT[:80])
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)  # the exported tokenizer
+  assert theirs(TEXT[:80])["input_ids"] == first.tokenizer.encode(TEXT[:80])
+  assert theirs.eos_token_id == first.tokenizer.eos_id
 
 
 def _load_transformers(path, caplog):
@@ -284,8 +287,8 @@ def test_shakespeare_char_run_exports_to_transformers(tmp_path, caplog):
   assert hf_tok(text)["input_ids"] == run.tokenizer.encode(text)
   assert hf_tok.decode(run.tokenizer.encode(text)) == text
   # Exporting again over an existing export is refused (never overwrite a user's weights).
-  again = run_cli(["-m", "llmjax.convert", "hf_export", f"--workdir={workdir}", f"--hf_dir={out}"])
-  assert again.returncode == 2 and "already holds" in again.stderr
+  with pytest.raises(convert.ConversionError, match="already holds safetensors"):
+    convert.export_hf(workdir, out)
 
 
 def test_pickle_only_directory_is_refused_with_a_fix(tmp_path):
@@ -461,3 +464,16 @@ def test_data_tokenizer_hf_reads_an_hf_or_run_directory(hf, tmp_path):
   c.data.tokenizer_path = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
     build_tokenizer(c.data, corpus_text=None)
+
+
+def test_gpt2_hub_layout_without_prefix_and_with_mask_buffers(hf, tmp_path):
+  """The hub's gpt2 checkpoint was saved from GPT2Model: bare names and causal-mask buffers."""
+  from safetensors.numpy import save_file
+  import shutil
+  tensors = files.read_weights(hf["gpt2"][1])
+  bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  bare["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+  save_file(bare, str(tmp_path / "model.safetensors"))
+  for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    shutil.copyfile(hf["gpt2"][1] / name, tmp_path / name)
+  _assert_trees_equal(convert.load_hf(tmp_path).params, convert.load_hf(hf["gpt2"][1]).params)
