@@ -25,13 +25,13 @@ DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
-  """A local directory as is; otherwise a hub repo id ('org/name') downloaded with
+  """A local directory as is; otherwise a hub repo id ('org/name' or a legacy 'gpt2') downloaded with
   huggingface_hub (safetensors, json and tokenizer files only)."""
   path = Path(path_or_repo)
   if path.is_dir():
     return path
   name = str(path_or_repo)
-  if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
+  if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
     raise FileNotFoundError(f"{name} is not a directory (nor a hub repo id like 'org/name'); "
                             "pass --hf_dir=<directory holding config.json and *.safetensors>")
   try:

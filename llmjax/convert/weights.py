@@ -240,4 +240,4 @@ def _cast(tree, dtype):
   if isinstance(tree, dict):
     return {k: _cast(v, dtype) for k, v in tree.items()}
   array = np.asarray(tree)
-  return array if dtype is None else array.astype(dtype)
+  return array if dtype is None else array.astype(dtype, copy=False)
