@@ -423,7 +423,7 @@ def test_hub_ids_download_only_safe_files(hf, monkeypatch):
   import huggingface_hub
   calls = []
 
-  def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+  def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, ignore_patterns=None):
     calls.append((repo_id, revision, allow_patterns))
     if repo_id == "org/missing":
       raise OSError("Repository Not Found\nmore detail")

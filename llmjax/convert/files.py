@@ -21,6 +21,8 @@ INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a hub download fetches: weights as safetensors, configs, tokenizers. Never pickles or code.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt"]
+# Mistral's repos also carry the same weights in Mistral's own layout.
+HUB_IGNORE = ["consolidated*"]
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
@@ -40,7 +42,8 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
     raise ConversionError(f"{name} is not a local directory, and downloading it from the "
                           "Hugging Face hub needs huggingface_hub: pip install llmjax[hf]") from None
   try:
-    return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS,
+                                  ignore_patterns=HUB_IGNORE))
   except Exception as e:  # network, auth, missing repo: one line, not a traceback
     raise ConversionError(f"cannot download {name} from the Hugging Face hub "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -64,7 +67,9 @@ def _weight_files(directory: Path) -> list[Path]:
       raise FileNotFoundError(f"{INDEX} in {directory} lists shards that are missing: "
                               f"{', '.join(missing[:3])}; download every shard")
     return [directory / f for f in files]
-  files = sorted(directory.glob("*.safetensors"))
+  if (directory / SINGLE).exists():
+    return [directory / SINGLE]
+  files = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("consolidated"))
   if files:
     return files
   pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)

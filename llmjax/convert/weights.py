@@ -10,6 +10,7 @@ All functions work on numpy arrays, so conversion needs neither torch nor a devi
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import numpy as np
@@ -222,7 +223,6 @@ def hf_to_params(kind: str, tensors: Mapping[str, np.ndarray], cfg: TransformerC
       raise ConversionError("tie_word_embeddings=true but lm_head.weight differs from the embedding")
   r.check_all_used()
   if kind == GPT2 and _all_zero(_collect_biases(params)):
-    import dataclasses
     params = _drop_biases(params)
     cfg = dataclasses.replace(cfg, use_bias=False)
   params = _cast(params, dtype)

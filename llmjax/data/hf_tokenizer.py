@@ -77,11 +77,9 @@ class HFTokenizer:
     tokenizer.json wins over tokenizer.model (it carries the added tokens). An llmjax run
     directory (whose tokenizer.json is llmjax's spec) gives the tokenizer it saved."""
     directory = Path(directory)
-    if (directory / HF_JSON).exists() and '"kind"' in (directory / HF_JSON).read_text()[:200]:
-      spec = json.loads((directory / HF_JSON).read_text())
-      if "kind" in spec:
-        from llmjax.data.tokenizers import load_tokenizer
-        return load_tokenizer(directory)
+    if _is_llmjax_spec(directory / HF_JSON):
+      from llmjax.data.tokenizers import load_tokenizer
+      return load_tokenizer(directory)
     config_path = directory / HF_CONFIG
     tok_config = json.loads(config_path.read_text()) if config_path.exists() else {}
     model_config = model_config or {}
@@ -155,6 +153,20 @@ class HFTokenizer:
     if self.backend == "tokenizers":
       return self._tok.decode(ids, skip_special_tokens=True)
     return self._sp.decode([i for i in ids if not self._sp.is_control(i)])
+
+
+def _is_llmjax_spec(path: Path) -> bool:
+  """llmjax's spec is a small {"kind": ...} object; an HF tokenizer.json never has "kind"."""
+  if not path.exists():
+    return False
+  with open(path, encoding="utf-8") as f:
+    head = f.read(4096)
+  if '"kind"' not in head:
+    return False
+  try:
+    return "kind" in json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError:
+    return False
 
 
 def _nonneg(i: int) -> int | None:
