@@ -477,3 +477,15 @@ def test_gpt2_hub_layout_without_prefix_and_with_mask_buffers(hf, tmp_path):
   for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
     shutil.copyfile(hf["gpt2"][1] / name, tmp_path / name)
   _assert_trees_equal(convert.load_hf(tmp_path).params, convert.load_hf(hf["gpt2"][1]).params)
+
+
+def test_tied_checkpoint_that_stores_its_head_is_checked(hf, tmp_path):
+  from safetensors.numpy import save_file
+  tensors = files.read_weights(hf["llama3_bias"][1])  # tie_word_embeddings=true, no lm_head
+  (tmp_path / "config.json").write_text((hf["llama3_bias"][1] / "config.json").read_text())
+  embedding = tensors["model.embed_tokens.weight"]
+  save_file({**tensors, "lm_head.weight": embedding.copy()}, str(tmp_path / "model.safetensors"))
+  _assert_trees_equal(convert.load_hf(tmp_path).params, convert.load_hf(hf["llama3_bias"][1]).params)
+  save_file({**tensors, "lm_head.weight": embedding + 1}, str(tmp_path / "model.safetensors"))
+  with pytest.raises(convert.ConversionError, match="lm_head.weight differs from the embedding"):
+    convert.load_hf(tmp_path)
