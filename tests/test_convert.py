@@ -230,6 +230,8 @@ LLMJAX_MODELS = {
     # (LayerNorm without biases, what shakespeare_char trains, is tested by the next test)
     "gpt2_untied": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True,
                         tie_embeddings=False, mlp_dim=96),
+    "llama_tied": dict(position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False,
+                       tie_embeddings=True, rope_theta=20000.0),
     "llama_bias_scaled": dict(position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=True,
                               num_kv_heads=2, tie_embeddings=False, rope_theta=1234.0,
                               rope_scaling="llama3", rope_scaling_factor=4.0,
