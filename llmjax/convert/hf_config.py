@@ -108,6 +108,7 @@ def to_llmjax(hf: Mapping[str, Any], param_dtype: str = "float32") -> Transforme
           f"sliding_window={window} < max_position_embeddings={max_len}: sliding-window attention "
           "is not implemented in llmjax")
   heads = int(hf["num_attention_heads"])
+  kv_heads = int(hf.get("num_key_value_heads") or heads)
   d = int(hf["hidden_size"])
   head_dim = int(hf.get("head_dim") or d // heads)
   # llmjax has one bias switch; an HF model with only attention (or only MLP) biases is represented
@@ -115,7 +116,8 @@ def to_llmjax(hf: Mapping[str, Any], param_dtype: str = "float32") -> Transforme
   use_bias = bool(hf.get("attention_bias", False) or hf.get("mlp_bias", False))
   return TransformerConfig(
       **common, num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or heads), embed_dim=d,
+      # 0 is llmjax's spelling of "as many as heads" (round trips compare configs exactly)
+      num_kv_heads=0 if kv_heads == heads else kv_heads, embed_dim=d,
       head_dim=0 if head_dim * heads == d else head_dim, mlp_dim=_mlp_dim(hf["intermediate_size"], d),
       max_seq_len=max_len, position="rotary", norm="rmsnorm",
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu", use_bias=use_bias,
