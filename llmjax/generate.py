@@ -1,112 +1,378 @@
 """KV-cached text generation: prefill the prompts, then decode one token at a time.
 
+Two drivers share the same jitted pieces and the same random stream (token i of a run is drawn
+with `fold_in(key(seed), i)`), so they produce the same tokens:
+- `generate`: the whole loop on the device (`lax.while_loop`), one dispatch per call; it stops
+  early once every sequence has produced the end-of-sequence token.
+- `stream_tokens`: a host loop of jitted decode steps that yields each step's tokens as soon as
+  they exist (the CLI streams text with it, and stops on stop strings). It dispatches step i+1
+  before it waits for token i, so the device never idles on the host.
+
 Prompts of different lengths share one batch: each example writes its keys and values at its own
-absolute positions in a preallocated per-layer cache, so no example ever attends to padding.
+absolute positions in a preallocated per-layer cache, so no example ever attends to padding. The
+cache is only as long as the generation needs (not the model's whole context) and carries the
+same logical shardings as the parameters, so decoding runs unchanged on a device mesh.
+
+Command line (streams text; see README "Generate"):
+  python -m llmjax.generate --workdir=runs/demo --prompt="ROMEO:" --max_new_tokens=200
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import sys
 from typing import Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax import sharding as shd
+from llmjax.model.attention import CACHE_AXES
+from llmjax.sampling import Sampler, sample, sample_logits  # noqa: F401  (sample_logits: re-export)
 
 
-def sample_logits(rng, logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-  """Draws token ids from logits [batch, vocab]. temperature 0 is greedy (argmax)."""
-  if temperature <= 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep a token when the mass strictly before it is still below p: the smallest set reaching p.
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+class GenerateError(ValueError):
+  """A request that cannot be served as given (too long, empty, ...): reported as one line."""
 
 
-def init_cache(model, batch_size: int):
-  """Zeroed KV cache for `batch_size` sequences of up to model.cfg.max_seq_len tokens."""
+CACHE_BUCKET = 64  # cache and prompt lengths are rounded up to this, to reuse compiled programs
+
+
+# -- placement -------------------------------------------------------------------------------------
+def _batch_shards(mesh) -> int:
+  if mesh is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in shd.BATCH_AXES if a in mesh.shape)
+
+
+def _fit_spec(spec: P, shape, mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (e.g. one MQA head over 2 devices)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def cache_shardings(cache_shapes, mesh, rules=shd.DEFAULT_RULES):
+  """NamedShardings for a stacked cache from its logical axes ('layers', *CACHE_AXES)."""
+  spec = nn.logical_to_mesh_axes(("layers",) + CACHE_AXES, rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, _fit_spec(spec, s.shape, mesh)), cache_shapes)
+
+
+def cache_shapes(model, batch_size: int, length: int):
+  """ShapeDtypeStructs of the stacked KV cache [layers, batch, length, kv_heads, head_dim]."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def resize(s):
+    shape = list(s.shape)
+    shape[2] = length
+    return jax.ShapeDtypeStruct(tuple(shape), s.dtype)
+  return jax.tree.map(resize, shapes)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _forward_cached(model, params, cache, tokens, positions):
-  logits, updates = model.apply({"params": params, "cache": cache}, tokens, positions=positions,
-                                decode=True, mutable=["cache"])
+def init_cache(model, batch_size: int, length: int | None = None, mesh=None):
+  """A zeroed KV cache for `batch_size` sequences of up to `length` (default: the context) tokens."""
+  shapes = cache_shapes(model, batch_size, length or model.cfg.max_seq_len)
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  if mesh is not None:
+    cache = jax.device_put(cache, cache_shardings(shapes, mesh))
+  return cache
+
+
+def _zero_cache(model, batch_size, length, mesh):
+  """Inside jit: the cache is born on the device(s), already in its sharding."""
+  shapes = cache_shapes(model, batch_size, length)
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  if mesh is not None:
+    cache = jax.lax.with_sharding_constraint(cache, cache_shardings(shapes, mesh))
+  return cache
+
+
+# -- the jitted pieces -----------------------------------------------------------------------------
+def _apply(model, mesh, params, cache, tokens, positions):
+  rules = shd.DEFAULT_RULES
+  if mesh is None:
+    ctx = nn.logical_axis_rules(())
+  else:
+    ctx = nn.logical_axis_rules(rules)
+  with ctx:
+    if mesh is not None:
+      with mesh:
+        logits, updates = model.apply({"params": params, "cache": cache}, tokens,
+                                      positions=positions, decode=True, mutable=["cache"])
+    else:
+      logits, updates = model.apply({"params": params, "cache": cache}, tokens,
+                                    positions=positions, decode=True, mutable=["cache"])
   return logits, updates["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _sample(rng, logits, temperature, top_k, top_p):
-  return sample_logits(rng, logits, temperature, top_k, top_p)
+def _prefill(model, mesh, cache_len, params, tokens, lengths):
+  """Runs the padded prompts through the model; returns the logits after each prompt's last token."""
+  batch, width = tokens.shape
+  cache = _zero_cache(model, batch, cache_len, mesh)
+  positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+  logits, cache = _apply(model, mesh, params, cache, tokens, positions)
+  return logits[jnp.arange(batch), lengths - 1], cache
 
 
-def stream_tokens(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  eos_id: int | None = None) -> Iterator[np.ndarray]:
-  """Yields the next token of every sequence ([batch] int array) once per decoding step."""
-  lengths = np.asarray([len(p) for p in prompts], np.int32)
-  if lengths.min() < 1:
-    raise ValueError("every prompt needs at least one token")
-  max_len = model.cfg.max_seq_len
-  if lengths.max() + max_new_tokens > max_len:
-    raise ValueError(f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                     f"the model's context of {max_len} tokens; shorten one of them")
-  batch, width = len(prompts), int(lengths.max())
-  padded = np.zeros((batch, width), np.int32)
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "sampler", "cache_len"))
+def prefill(model, mesh, sampler, cache_len, params, tokens, lengths, key, sampling):
+  """-> (first sampled token [batch], its logits [batch, vocab], the filled cache).
+
+  `sampler` is Sampler.static, `sampling` Sampler.dynamic()."""
+  logits, cache = _prefill(model, mesh, cache_len, params, tokens, lengths)
+  return sample(jax.random.fold_in(key, 0), logits, sampler, sampling), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "sampler"), donate_argnames=("cache",))
+def decode_step(model, mesh, sampler, params, cache, token, position, key, index, sampling):
+  """Feeds `token` (at `position`) and samples token number `index`. The cache is donated, so
+  XLA updates it in place instead of copying it every step."""
+  logits, cache = _apply(model, mesh, params, cache, token[:, None], position[:, None])
+  logits = logits[:, 0]
+  return sample(jax.random.fold_in(key, index), logits, sampler, sampling), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "sampler", "cache_len",
+                                             "max_new_tokens", "return_logits"))
+def _generate_on_device(model, mesh, sampler, cache_len, max_new_tokens, return_logits,
+                        params, tokens, lengths, key, eos_id, sampling):
+  """The whole generation as one program: prefill, then a while_loop of decode steps that ends
+  after max_new_tokens or once every sequence has emitted eos_id (-1: never)."""
+  logits, cache = _prefill(model, mesh, cache_len, params, tokens, lengths)
+  batch = tokens.shape[0]
+  first = sample(jax.random.fold_in(key, 0), logits, sampler, sampling)
+  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+  record = None
+  if return_logits:
+    record = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), logits.dtype).at[:, 0].set(logits)
+
+  def cond(carry):
+    i, _, _, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, token, position, out, record, done = carry
+    logits, cache = _apply(model, mesh, params, cache, token[:, None], position[:, None])
+    logits = logits[:, 0]
+    token = sample(jax.random.fold_in(key, i), logits, sampler, sampling)
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+    if record is not None:
+      record = jax.lax.dynamic_update_slice(record, logits[:, None], (0, i, 0))
+    return i + 1, cache, token, position + 1, out, record, done | (token == eos_id)
+
+  carry = (jnp.int32(1), cache, first, lengths, out, record, first == eos_id)
+  steps, _, _, _, out, record, _ = jax.lax.while_loop(cond, body, carry)
+  return out, steps, record
+
+
+# -- host-side drivers -----------------------------------------------------------------------------
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class _Batch:
+  tokens: jax.Array     # [padded batch, width] right-padded prompts
+  lengths: jax.Array    # [padded batch]
+  size: int             # the caller's batch size (rows past it pad the batch for the mesh)
+  cache_len: int
+
+
+def _prepare(model, prompts, max_new_tokens: int, mesh) -> _Batch:
+  if not prompts:
+    raise GenerateError("no prompts given")
+  if max_new_tokens < 1:
+    raise GenerateError(f"max_new_tokens={max_new_tokens} must be at least 1")
+  lengths = [len(p) for p in prompts]
+  if min(lengths) < 1:
+    raise GenerateError("every prompt needs at least one token")
+  context = model.cfg.max_seq_len
+  # The last sampled token is never fed back, so it needs no cache slot.
+  needed = max(lengths) + max_new_tokens - 1
+  if needed > context:
+    raise GenerateError(
+        f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        f"context of {context} tokens; shorten the prompt or lower max_new_tokens")
+  cache_len = min(context, _round_up(needed, CACHE_BUCKET))
+  width = min(cache_len, _round_up(max(lengths), CACHE_BUCKET))
+  rows = _round_up(len(prompts), _batch_shards(mesh))
+  padded = np.zeros((rows, width), np.int32)
+  lens = np.ones(rows, np.int32)
   for i, p in enumerate(prompts):
     padded[i, : len(p)] = p
-  positions = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width))
-  cache = init_cache(model, batch)
-  logits, cache = _forward_cached(model, params, cache, jnp.asarray(padded), jnp.asarray(positions))
-  next_logits = logits[jnp.arange(batch), jnp.asarray(lengths) - 1]
-  rng = jax.random.key(seed)
-  done = np.zeros(batch, bool)
-  pos = jnp.asarray(lengths)
-  for i in range(max_new_tokens):
-    token = _sample(jax.random.fold_in(rng, i), next_logits, temperature, top_k, top_p)
-    host_token = np.asarray(token)
-    yield host_token
+    lens[i] = len(p)
+  for i in range(len(prompts), rows):  # filler rows for an even split over the mesh
+    padded[i], lens[i] = padded[0], lens[0]
+  tokens, lens = jnp.asarray(padded), jnp.asarray(lens)
+  if mesh is not None:
+    tokens = jax.device_put(tokens, shd.batch_sharding(mesh, 2))
+    lens = jax.device_put(lens, shd.batch_sharding(mesh, 1))
+  return _Batch(tokens, lens, len(prompts), cache_len)
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]            # each prompt's continuation, cut after its EOS
+  logits: np.ndarray | None = None   # [batch, steps, vocab]: the logits each token was drawn from
+
+
+def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             sampler: Sampler | None = None, seed: int = 0, eos_id: int | None = None,
+             mesh=None, return_logits: bool = False, **sampling) -> Generation:
+  """Continuations of token-id prompts, generated entirely on the device.
+
+  `sampler` (or temperature=, top_k=, top_p= keywords) picks tokens; `mesh` runs on a device mesh
+  (params should already carry their shardings, e.g. from llmjax.runs.load_run).
+  """
+  sampler = sampler or Sampler(**sampling)
+  batch = _prepare(model, prompts, max_new_tokens, mesh)
+  out, steps, record = _generate_on_device(
+      model, mesh, sampler.static, batch.cache_len, max_new_tokens, return_logits, params,
+      batch.tokens, batch.lengths, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+      sampler.dynamic())
+  steps = int(steps)
+  out = np.asarray(out)[: batch.size, :steps]
+  tokens = [_cut_at_eos(row.tolist(), eos_id) for row in out]
+  logits = None if record is None else np.asarray(record)[: batch.size, :steps]
+  return Generation(tokens, logits)
+
+
+def _cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
+  if eos_id is not None and eos_id in ids:
+    return ids[: ids.index(eos_id) + 1]
+  return ids
+
+
+def stream_tokens(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                  sampler: Sampler | None = None, seed: int = 0, eos_id: int | None = None,
+                  mesh=None, **sampling) -> Iterator[np.ndarray]:
+  """Yields every sequence's next token ([batch] ints) once per decoding step, as soon as it is
+  known; stops after max_new_tokens or when every sequence has produced eos_id. The tokens equal
+  `generate`'s for the same arguments. Closing the generator early stops the decoding."""
+  sampler = sampler or Sampler(**sampling)
+  batch = _prepare(model, prompts, max_new_tokens, mesh)
+  key = jax.random.key(seed)
+  static, dynamic = sampler.static, sampler.dynamic()
+  token, _, cache = prefill(model, mesh, static, batch.cache_len, params, batch.tokens,
+                            batch.lengths, key, dynamic)
+  position = batch.lengths
+  done = np.zeros(batch.size, bool)
+  for i in range(1, max_new_tokens + 1):
+    if i < max_new_tokens:  # queue the next step before waiting for this token
+      upcoming, _, cache = decode_step(model, mesh, static, params, cache, token, position, key,
+                                       jnp.int32(i), dynamic)
+      position = position + 1
+    host = np.asarray(token)[: batch.size]
+    yield host
     if eos_id is not None:
-      done |= host_token == eos_id
+      done |= host == eos_id
       if done.all():
         return
-    if i + 1 == max_new_tokens:
-      return
-    logits, cache = _forward_cached(model, params, cache, token[:, None], pos[:, None])
-    next_logits = logits[:, 0]
-    pos = pos + 1
+    if i < max_new_tokens:
+      token = upcoming
 
 
-def generate(model, params, prompts, max_new_tokens: int, **kwargs) -> list[list[int]]:
-  """The generated continuation (without the prompt) of each prompt, cut after an EOS."""
-  eos_id = kwargs.get("eos_id")
-  outs = [[] for _ in prompts]
-  finished = [False] * len(prompts)
-  for step_tokens in stream_tokens(model, params, prompts, max_new_tokens, **kwargs):
-    for i, t in enumerate(step_tokens):
-      if not finished[i]:
-        outs[i].append(int(t))
-        finished[i] = eos_id is not None and int(t) == eos_id
-  return outs
+# -- text ------------------------------------------------------------------------------------------
+def encode_prompt(tokenizer, text: str, context: int, max_new_tokens: int,
+                  truncate: bool = False) -> list[int]:
+  """Token ids of a text prompt that leave room for max_new_tokens (left-truncated if asked)."""
+  ids = list(tokenizer.encode(text))
+  return fit_prompt(ids, context, max_new_tokens, truncate)
+
+
+def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool = False) -> list[int]:
+  room = context - max_new_tokens + 1
+  if room < 1:
+    raise GenerateError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                        f"model's context of {context} tokens; lower --max_new_tokens")
+  if len(ids) > room:
+    if not truncate:
+      raise GenerateError(
+          f"the prompt has {len(ids)} tokens but the model's context of {context} tokens leaves "
+          f"room for {room} with max_new_tokens={max_new_tokens}; shorten it, lower "
+          "--max_new_tokens, or pass --truncate_prompt to keep its last tokens")
+    ids = ids[-room:]
+  return ids
+
+
+class TextStream:
+  """Turns a growing list of token ids into text chunks that are safe to print: it holds back an
+  incomplete UTF-8 character and any tail that could still become a stop string. It stops (and
+  drops) at the first stop string or end-of-sequence token."""
+
+  def __init__(self, tokenizer, stop: Sequence[str] = (), eos_id: int | None = None):
+    self.tokenizer, self.stop, self.eos_id = tokenizer, [s for s in stop if s], eos_id
+    self.ids: list[int] = []
+    self.text = ""        # what has been emitted so far
+    self.stopped = False
+
+  def add(self, token: int) -> str:
+    """The new printable text after `token` ('' once stopped)."""
+    if self.stopped:
+      return ""
+    if self.eos_id is not None and int(token) == self.eos_id:
+      self.stopped = True
+      return self._emit(self.tokenizer.decode(self.ids))
+    self.ids.append(int(token))
+    text = self.tokenizer.decode(self.ids)
+    cuts = [at for at in (text.find(s) for s in self.stop) if at >= 0]
+    if cuts:
+      self.stopped = True
+      return self._emit(text[: min(cuts)])
+    safe = len(text) - (1 if text.endswith("\ufffd") else 0)  # maybe half a UTF-8 character
+    hold = max((len(s) - 1 for s in self.stop), default=0)
+    return self._emit(text[: max(safe - hold, 0)])
+
+  def finish(self) -> str:
+    """Whatever was held back, once no more tokens will come."""
+    return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids))
+
+  def _emit(self, text: str) -> str:
+    if len(text) <= len(self.text) or not text.startswith(self.text):
+      return ""  # the decoded text changed under us (rare with sentencepiece); wait for more
+    chunk, self.text = text[len(self.text):], text
+    return chunk
+
+
+def generate_text(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                  stop: Sequence[str] = (), seed: int = 0, mesh=None, use_eos: bool = True,
+                  truncate_prompt: bool = False, **sampling) -> list[str]:
+  """Each prompt's continuation as text, ending before the first stop string or EOS."""
+  ids = [encode_prompt(tokenizer, p, model.cfg.max_seq_len, max_new_tokens, truncate_prompt)
+         for p in prompts]
+  eos_id = tokenizer.eos_id if use_eos else None
+  streams = [TextStream(tokenizer, stop, eos_id) for _ in prompts]
+  for step in stream_tokens(model, params, ids, max_new_tokens, seed=seed, eos_id=eos_id,
+                            mesh=mesh, **sampling):
+    for s, t in zip(streams, step):
+      s.add(t)
+    if all(s.stopped for s in streams):
+      break
+  for s in streams:
+    s.finish()
+  return [s.text for s in streams]
 
 
 def sample_text(model, params, tokenizer, prompt: str, max_new_tokens: int,
                 temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
   """Prompt text in, prompt + continuation text out (used for the end-of-training sample)."""
   ids = tokenizer.encode(prompt) or [0]
-  max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+  max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids) + 1)
   out = generate(model, params, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
-                 seed=seed, eos_id=tokenizer.eos_id)[0]
+                 seed=seed, eos_id=tokenizer.eos_id).tokens[0]
+  if tokenizer.eos_id is not None and out and out[-1] == tokenizer.eos_id:
+    out = out[:-1]
   return prompt + tokenizer.decode(out)
+
+
+if __name__ == "__main__":
+  from llmjax.generate_cli import run
+  run()

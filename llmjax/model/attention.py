@@ -13,6 +13,10 @@ from llmjax.model.config import TransformerConfig
 from llmjax.model.layers import DenseGeneral, apply_rotary, constrain
 
 
+# Logical axes of one layer's KV cache; the stacked cache adds a leading 'layers' axis, like params.
+CACHE_AXES = ("batch", "length", "kv_heads", "kv")
+
+
 def attention_implementation(cfg: TransformerConfig) -> str | None:
   """'cudnn' only where it can run (a GPU and a 16-bit compute dtype); None lets JAX choose."""
   if cfg.attention_impl != "auto":
@@ -63,22 +67,32 @@ class Attention(nn.Module):
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
   def _cached_attention(self, q, k, v, positions):
+    """Writes this call's keys/values into the per-layer cache and attends over it.
+
+    The cache holds kv_heads (not heads) per slot, so grouped-query and multi-query models store
+    each shared head once; `jax.nn.dot_product_attention` broadcasts them over the query groups.
+    Its length is whatever the caller allocated (see llmjax.generate.init_cache): any length that
+    covers the positions in use gives the same result, so a short generation reads a short cache.
+    """
     cfg = self.cfg
-    batch, max_len = q.shape[0], cfg.max_seq_len
-    shape = (batch, max_len, cfg.kv_heads, cfg.dim_per_head)
+    if not cfg.causal:
+      raise ValueError("KV-cached decoding needs a causal model (model.causal=True).")
+    shape = (q.shape[0], cfg.max_seq_len, cfg.kv_heads, cfg.dim_per_head)
     cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     if self.is_initializing():
       # Only shape the cache; nothing to attend to yet.
       return jnp.zeros_like(q)
+    # Each example writes at its own absolute start position (prompts of different lengths).
     start = positions[:, 0]
     write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice(cache, new, (s, 0, 0)))
-    cached_k.value = write(cached_k.value, k.astype(cached_k.value.dtype), start)
-    cached_v.value = write(cached_v.value, v.astype(cached_v.value.dtype), start)
-    slots = jnp.arange(max_len)
-    mask = slots[None, None, :] <= positions[:, :, None]          # [batch, q_len, max_len]
-    if not cfg.causal:
-      raise ValueError("KV-cached decoding needs a causal model (model.causal=True).")
+    keys = constrain(write(cached_k.value, k.astype(cached_k.value.dtype), start), CACHE_AXES)
+    values = constrain(write(cached_v.value, v.astype(cached_v.value.dtype), start), CACHE_AXES)
+    cached_k.value, cached_v.value = keys, values
+    # A query at absolute position p sees the slots 0..p: its own prompt and what it generated.
+    # Slots past p may hold stale or padding entries; they are masked out.
+    slots = jnp.arange(keys.shape[1])
+    mask = slots[None, None, :] <= positions[:, :, None]          # [batch, q_len, cache_len]
     return jax.nn.dot_product_attention(
-        q, cached_k.value.astype(q.dtype), cached_v.value.astype(q.dtype),
-        mask=mask[:, None, :, :], implementation="xla")
+        q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[:, None, :, :],
+        implementation="xla")

@@ -1,0 +1,152 @@
+"""`python -m llmjax.generate --workdir=RUN --prompt=...`: sample from a run, streaming the text.
+
+--print_ids prints each sample's generated token ids, comma-separated, one line per sample (the
+interface other tools compare against, e.g. with Hugging Face's greedy generate).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "A run directory (training run or HF import).")
+flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+flags.DEFINE_string("prompt", "\n", "Prompt text.")
+flags.DEFINE_list("prompt_ids", None, "Prompt as comma-separated token ids (overrides --prompt).")
+flags.DEFINE_bool("print_ids", False, "Print generated token ids, one comma-separated line per sample.")
+flags.DEFINE_integer("num_samples", 1, "Samples to draw (decoded together as one batch).")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (at most).")
+flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose mass reaches p (1: all).")
+flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
+flags.DEFINE_multi_string("stop", [], "Stop a sample at this string (not printed); repeatable.")
+flags.DEFINE_bool("ignore_eos", False, "Keep generating after the end-of-sequence token.")
+flags.DEFINE_bool("truncate_prompt", False, "Keep the prompt's last tokens when it is too long "
+                  "for the context (default: an error).")
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "Weight-only quantization for inference.")
+FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> None:
+  print(f"llmjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _prompt_ids(tokenizer, vocab_size: int) -> list[int]:
+  if FLAGS.prompt_ids is not None:
+    try:
+      ids = [int(x) for x in FLAGS.prompt_ids]
+    except ValueError:
+      fail(f"--prompt_ids={','.join(FLAGS.prompt_ids)} must be comma-separated integers")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+      fail(f"--prompt_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return ids
+  try:
+    ids = list(tokenizer.encode(FLAGS.prompt))
+  except ValueError as e:
+    fail(f"cannot encode --prompt: {e}")
+  if not ids:
+    fail("--prompt encodes to no tokens; give a non-empty prompt or --prompt_ids")
+  return ids
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+  if not FLAGS.workdir:
+    fail("--workdir is required: a training run or an imported model")
+  logging.set_verbosity(logging.WARNING)
+  from llmjax import config as cfglib
+  from llmjax import generate as gen
+  from llmjax import quantize as quant
+  from llmjax import runs
+  from llmjax.checkpoint import CheckpointError
+  from llmjax.data import DataError
+  from llmjax.sampling import Sampler
+  try:
+    sampler = Sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  except ValueError as e:
+    fail(str(e))
+  if FLAGS.num_samples < 1:
+    fail(f"--num_samples={FLAGS.num_samples} must be at least 1")
+  try:
+    run = runs.load_run(FLAGS.workdir, FLAGS.step)
+    params = quant.quantize_params(run.params, FLAGS.quantize)
+    model, tokenizer = run.model, run.tokenizer
+    context = model.cfg.max_seq_len
+    max_new = FLAGS.max_new_tokens
+    if max_new < 1:
+      fail(f"--max_new_tokens={max_new} must be at least 1")
+    ids = _prompt_ids(tokenizer, model.cfg.vocab_size)
+    if len(ids) > context and not FLAGS.truncate_prompt:
+      fail(f"the prompt has {len(ids)} tokens but the model's context is {context}; shorten it or "
+           "pass --truncate_prompt to keep its last tokens")
+    if len(ids) > context:  # keep the prompt's end, leaving room for the requested tokens
+      ids = ids[-max(1, context - max_new + 1):]
+    if len(ids) + max_new - 1 > context:
+      max_new = context - len(ids) + 1
+      print(f"llmjax: note: max_new_tokens lowered to {max_new} to fit the context of {context} "
+            "tokens", file=sys.stderr)
+    eos_id = None if FLAGS.ignore_eos else tokenizer.eos_id
+    prompts = [ids] * FLAGS.num_samples
+    steps = gen.stream_tokens(model, params, prompts, max_new, sampler=sampler, seed=FLAGS.seed,
+                              eos_id=eos_id, mesh=run.mesh)
+    if FLAGS.print_ids:
+      _print_ids(steps, tokenizer, eos_id)
+    else:
+      _print_text(steps, tokenizer, ids, eos_id)
+  except (gen.GenerateError, cfglib.ConfigError, DataError, CheckpointError,
+          FileNotFoundError) as e:
+    fail(str(e))
+
+
+def _print_ids(steps, tokenizer, eos_id) -> None:
+  rows = None
+  ended = None
+  for step in steps:
+    if rows is None:
+      rows, ended = [[] for _ in step], [False] * len(step)
+    for i, t in enumerate(step):
+      if not ended[i]:
+        rows[i].append(int(t))
+        ended[i] = eos_id is not None and int(t) == eos_id
+  for row in rows or []:
+    print(",".join(map(str, row)), flush=True)
+
+
+def _print_text(steps, tokenizer, prompt_ids, eos_id) -> None:
+  """One sample streams as it is produced; several are printed one after another as they finish
+  (nanoGPT style, separated by a line of dashes)."""
+  from llmjax.generate import TextStream
+  prompt = tokenizer.decode(prompt_ids)
+  streams, live = None, False
+  for step in steps:
+    if streams is None:
+      streams = [TextStream(tokenizer, FLAGS.stop, eos_id) for _ in step]
+      live = len(streams) == 1
+      if live:
+        sys.stdout.write(prompt)
+    for s, t in zip(streams, step):
+      chunk = s.add(t)
+      if live and chunk:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    if all(s.stopped for s in streams):
+      break
+  for i, s in enumerate(streams):
+    tail = s.finish()
+    if live:
+      sys.stdout.write(tail + "\n")
+    else:
+      sys.stdout.write(prompt + s.text + "\n" + ("---------------\n" if i + 1 < len(streams) else ""))
+  sys.stdout.flush()
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
