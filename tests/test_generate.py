@@ -47,11 +47,19 @@ def _forward(model, params, tokens):
   return _FORWARDS[model](params, tokens)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+N = 12  # new tokens in every test, so the tests share compiled programs
+
+
+def run(model, params, prompts=PROMPTS, **kwargs):
+  return gen.generate(model, params, prompts, N, return_logits=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", [
+    "llama_gqa", pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("mqa", marks=pytest.mark.slow)])
 def test_cached_logits_and_greedy_tokens_equal_full_recompute(name):
   model, params = init(VARIANTS[name])
-  n = 12
-  out = gen.generate(model, params, PROMPTS, n, temperature=0.0, return_logits=True)
+  n = N
+  out = run(model, params, temperature=0.0)
   assert out.logits.shape == (len(PROMPTS), n, model.cfg.vocab_size)
   for b, prompt in enumerate(PROMPTS):
     seq = prompt + out.tokens[b]
@@ -66,29 +74,31 @@ def test_cached_logits_and_greedy_tokens_equal_full_recompute(name):
     assert ids[len(prompt):] == out.tokens[b]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "mqa"])
-def test_streaming_equals_on_device_loop(name):
-  model, params = init(VARIANTS[name])
-  for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)):
-    whole = gen.generate(model, params, PROMPTS, 10, **kwargs).tokens
-    steps = np.stack(list(gen.stream_tokens(model, params, PROMPTS, 10, **kwargs)), axis=1)
+SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.9)
+
+
+def test_streaming_equals_on_device_loop():
+  model, params = init(LLAMA)
+  for kwargs in (dict(temperature=0.0), dict(SAMPLED, seed=3)):
+    whole = run(model, params, **kwargs).tokens
+    steps = np.stack(list(gen.stream_tokens(model, params, PROMPTS, N, **kwargs)), axis=1)
     assert steps.tolist() == whole
 
 
 def test_top_k_1_and_tiny_temperature_equal_greedy():
   model, params = init(LLAMA)
-  greedy = gen.generate(model, params, PROMPTS, 10, temperature=0.0).tokens
-  assert gen.generate(model, params, PROMPTS, 10, temperature=1.0, top_k=1, seed=5).tokens == greedy
-  assert gen.generate(model, params, PROMPTS, 10, temperature=1e-6, seed=5).tokens == greedy
-  sampled = gen.generate(model, params, PROMPTS, 10, temperature=1.0, seed=5).tokens
+  greedy = run(model, params, temperature=0.0).tokens
+  assert run(model, params, temperature=1.0, top_k=1, seed=5).tokens == greedy
+  assert run(model, params, temperature=1e-6, seed=5).tokens == greedy
+  sampled = run(model, params, temperature=1.0, seed=5).tokens
   assert sampled != greedy  # sampling really samples
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
-  model, params = init(GPT2)
-  a = gen.generate(model, params, PROMPTS, 16, temperature=1.0, seed=1).tokens
-  assert gen.generate(model, params, PROMPTS, 16, temperature=1.0, seed=1).tokens == a
-  assert gen.generate(model, params, PROMPTS, 16, temperature=1.0, seed=2).tokens != a
+  model, params = init(LLAMA)
+  a = run(model, params, **SAMPLED, seed=1).tokens
+  assert run(model, params, **SAMPLED, seed=1).tokens == a
+  assert run(model, params, **SAMPLED, seed=2).tokens != a
 
 
 def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
@@ -118,25 +128,30 @@ def test_top_k_filter_and_sampler_validation():
 
 
 def test_eos_stops_each_sequence_and_the_loop():
-  model, params = init(GPT2)
-  free = gen.generate(model, params, PROMPTS, 12, temperature=0.0).tokens
+  model, params = init(LLAMA)
+  free = run(model, params, temperature=0.0).tokens
   eos = free[0][3]
-  out = gen.generate(model, params, PROMPTS, 12, temperature=0.0, eos_id=eos).tokens
+  out = run(model, params, temperature=0.0, eos_id=eos).tokens
   for row, ref in zip(out, free):
     cut = ref.index(eos) + 1 if eos in ref else len(ref)
     assert row == ref[:cut]
-  streamed = list(gen.stream_tokens(model, params, PROMPTS, 12, temperature=0.0, eos_id=eos))
-  assert len(streamed) == max(len(row) for row in out) < 12  # stops once every row has ended
+  streamed = list(gen.stream_tokens(model, params, PROMPTS, N, temperature=0.0, eos_id=eos))
+  assert len(streamed) == max(len(row) for row in out)  # stops once every row has ended
+  # A batch whose every row ends early stops the on-device loop early too.
+  alone = run(model, params, [PROMPTS[0]] * 3, temperature=0.0, eos_id=eos)
+  assert alone.logits.shape[1] == len(alone.tokens[0]) == free[0].index(eos) + 1 < N
 
 
 def test_too_long_prompt_is_an_error_or_truncated_from_the_left():
-  model, params = init(GPT2)
+  model, params = init(LLAMA)
   long = list(range(1, 45)) * 2
   with pytest.raises(gen.GenerateError, match="context"):
-    gen.generate(model, params, [long], 10)
-  ids = gen.fit_prompt(long, 48, 10, truncate=True)
-  assert ids == long[-39:]
-  assert len(gen.generate(model, params, [ids], 10, temperature=0.0).tokens[0]) == 10
+    run(model, params, [long])
+  with pytest.raises(gen.GenerateError, match="truncate_prompt"):
+    gen.fit_prompt(long, 48, N)
+  ids = gen.fit_prompt(long, 48, N, truncate=True)
+  assert ids == long[-(48 - N + 1):]
+  assert len(run(model, params, [ids], temperature=0.0).tokens[0]) == N
 
 
 class _Tok(CharTokenizer):
@@ -154,12 +169,12 @@ def test_text_stream_stop_strings_and_eos():
 
 
 def test_generate_text_respects_stop_strings():
-  model, params = init(GPT2)
+  model, params = init(LLAMA)
   tok = _Tok([chr(ord("A") + i) for i in range(61)])
-  free = gen.generate_text(model, params, tok, ["ABC"], 15, temperature=0.0)[0]
-  assert len(free) == 15
+  free = gen.generate_text(model, params, tok, ["ABC", "DE", "F"], N, temperature=0.0)[0]
+  assert len(free) == N
   stop = free[5:7]
-  cut = gen.generate_text(model, params, tok, ["ABC"], 15, temperature=0.0, stop=[stop])[0]
+  cut = gen.generate_text(model, params, tok, ["ABC", "DE", "F"], N, temperature=0.0, stop=[stop])[0]
   assert cut == free[: free.index(stop)]
 
 
@@ -201,3 +216,57 @@ def test_decoding_on_a_4_device_mesh_matches_one_device():
   assert "tensor" in result["kernel_spec"] and "fsdp" in result["kernel_spec"]
   # Cache: batch over (data, fsdp), kv heads over tensor, like the training activations.
   assert "tensor" in result["cache_spec"] and "fsdp" in result["cache_spec"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A run directory (config, char tokenizer, checkpoint) holding a small random model."""
+  from llmjax import config as cfglib
+  from llmjax import runs
+  workdir = tmp_path_factory.mktemp("run")
+  config = cfglib.default_config()
+  config.model.update(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=48,
+                      position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False)
+  tokenizer = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,!\n"))
+  model_cfg = cfglib.model_config(config, tokenizer.vocab_size)
+  model, params = init(model_cfg)
+  runs.create_run(workdir, config, params, tokenizer)
+  return workdir, model, params, tokenizer
+
+
+def _cli(*args):
+  return run_cli(["-m", "llmjax.generate", *args], timeout=300)
+
+
+def test_cli_print_ids_and_text_match_the_api(run_dir):
+  workdir, model, params, tok = run_dir
+  prompt = [3, 1, 4, 1, 5]
+  proc = _cli(f"--workdir={workdir}", "--prompt_ids=3,1,4,1,5", "--print_ids", "--num_samples=2",
+              "--temperature=1.0", "--top_k=8", "--seed=7", "--max_new_tokens=12")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  expect = gen.generate(model, params, [prompt] * 2, 12, temperature=1.0, top_k=8, seed=7).tokens
+  assert [[int(x) for x in line.split(",")] for line in lines] == expect
+  # Text mode streams the prompt and the same continuation, cut before a stop string.
+  greedy = gen.generate(model, params, [tok.encode("abc")], 20, temperature=0.0).tokens[0]
+  text = tok.decode(greedy)
+  stop = text[8:10]
+  proc = _cli(f"--workdir={workdir}", "--prompt=abc", "--temperature=0", "--max_new_tokens=20",
+              f"--stop={stop}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout == "abc" + text[: text.index(stop)] + "\n"
+
+
+def test_cli_errors_are_one_line(run_dir):
+  workdir = run_dir[0]
+  proc = _cli(f"--workdir={workdir}", "--prompt=" + "ab" * 30, "--max_new_tokens=5")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("llmjax: error:") and "--truncate_prompt" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  proc = _cli(f"--workdir={workdir}", "--prompt=" + "ab" * 30, "--max_new_tokens=5",
+              "--truncate_prompt", "--print_ids", "--temperature=0", "--quantize=int8")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert len(proc.stdout.strip().split(",")) == 5
+  for bad in ("--top_p=0", "--step=99"):
+    proc = _cli(f"--workdir={workdir}", bad)
+    assert proc.returncode == 2 and proc.stderr.startswith("llmjax: error:"), (bad, proc.stderr)
