@@ -267,6 +267,11 @@ def test_cli_errors_are_one_line(run_dir):
               "--truncate_prompt", "--print_ids", "--temperature=0", "--quantize=int8")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert len(proc.stdout.strip().split(",")) == 5
-  for bad in ("--top_p=0", "--step=99"):
-    proc = _cli(f"--workdir={workdir}", bad)
+
+
+@pytest.mark.slow
+def test_cli_rejects_bad_options_in_one_line(run_dir):
+  for bad in ("--top_p=0", "--step=99", "--prompt=ABC", "--prompt_ids=1,x", "--num_samples=0"):
+    proc = _cli(f"--workdir={run_dir[0]}", bad)
     assert proc.returncode == 2 and proc.stderr.startswith("llmjax: error:"), (bad, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
