@@ -43,6 +43,17 @@ CACHE_BUCKET = 64  # cache and prompt lengths are rounded up to this, to reuse c
 
 
 # -- placement -------------------------------------------------------------------------------------
+# Inside the jitted functions `mesh` is a static (Mesh, logical rules) pair, or None on one device.
+@functools.lru_cache(maxsize=None)
+def default_rules() -> tuple:
+  from llmjax import config as cfglib
+  return shd.logical_rules(cfglib.default_config())
+
+
+def _placement(mesh, rules):
+  return None if mesh is None else (mesh, tuple(rules or default_rules()))
+
+
 def _batch_shards(mesh) -> int:
   if mesh is None:
     return 1
@@ -59,9 +70,9 @@ def _fit_spec(spec: P, shape, mesh) -> P:
   return P(*fitted)
 
 
-def cache_shardings(cache_shapes, mesh, rules=shd.DEFAULT_RULES):
+def cache_shardings(cache_shapes, mesh, rules=None):
   """NamedShardings for a stacked cache from its logical axes ('layers', *CACHE_AXES)."""
-  spec = nn.logical_to_mesh_axes(("layers",) + CACHE_AXES, rules)
+  spec = nn.logical_to_mesh_axes(("layers",) + CACHE_AXES, rules or default_rules())
   return jax.tree.map(lambda s: NamedSharding(mesh, _fit_spec(spec, s.shape, mesh)), cache_shapes)
 
 
@@ -77,12 +88,12 @@ def cache_shapes(model, batch_size: int, length: int):
   return jax.tree.map(resize, shapes)
 
 
-def init_cache(model, batch_size: int, length: int | None = None, mesh=None):
+def init_cache(model, batch_size: int, length: int | None = None, mesh=None, rules=None):
   """A zeroed KV cache for `batch_size` sequences of up to `length` (default: the context) tokens."""
   shapes = cache_shapes(model, batch_size, length or model.cfg.max_seq_len)
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   if mesh is not None:
-    cache = jax.device_put(cache, cache_shardings(shapes, mesh))
+    cache = jax.device_put(cache, cache_shardings(shapes, mesh, rules))
   return cache
 
 
@@ -91,20 +102,15 @@ def _zero_cache(model, batch_size, length, mesh):
   shapes = cache_shapes(model, batch_size, length)
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   if mesh is not None:
-    cache = jax.lax.with_sharding_constraint(cache, cache_shardings(shapes, mesh))
+    cache = jax.lax.with_sharding_constraint(cache, cache_shardings(shapes, *mesh))
   return cache
 
 
 # -- the jitted pieces -----------------------------------------------------------------------------
 def _apply(model, mesh, params, cache, tokens, positions):
-  rules = shd.DEFAULT_RULES
-  if mesh is None:
-    ctx = nn.logical_axis_rules(())
-  else:
-    ctx = nn.logical_axis_rules(rules)
-  with ctx:
+  with nn.logical_axis_rules(() if mesh is None else mesh[1]):
     if mesh is not None:
-      with mesh:
+      with mesh[0]:
         logits, updates = model.apply({"params": params, "cache": cache}, tokens,
                                       positions=positions, decode=True, mutable=["cache"])
     else:
@@ -187,6 +193,7 @@ class _Batch:
 
 
 def _prepare(model, prompts, max_new_tokens: int, mesh) -> _Batch:
+  """`mesh`: a Mesh or None (the caller's, not the placement pair)."""
   if not prompts:
     raise GenerateError("no prompts given")
   if max_new_tokens < 1:
@@ -218,24 +225,32 @@ def _prepare(model, prompts, max_new_tokens: int, mesh) -> _Batch:
   return _Batch(tokens, lens, len(prompts), cache_len)
 
 
-@dataclasses.dataclass
-class Generation:
-  tokens: list[list[int]]            # each prompt's continuation, cut after its EOS
-  logits: np.ndarray | None = None   # [batch, steps, vocab]: the logits each token was drawn from
+class Generation(list):
+  """Each prompt's continuation (a list of token-id lists, cut after its EOS), plus `.logits`
+  [batch, steps, vocab] (the logits each token was drawn from) when asked for."""
+
+  def __init__(self, tokens, logits: np.ndarray | None = None):
+    super().__init__(tokens)
+    self.logits = logits
+
+  @property
+  def tokens(self) -> list[list[int]]:
+    return list(self)
 
 
 def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampler: Sampler | None = None, seed: int = 0, eos_id: int | None = None,
-             mesh=None, return_logits: bool = False, **sampling) -> Generation:
+             mesh=None, rules=None, return_logits: bool = False, **sampling) -> Generation:
   """Continuations of token-id prompts, generated entirely on the device.
 
   `sampler` (or temperature=, top_k=, top_p= keywords) picks tokens; `mesh` runs on a device mesh
-  (params should already carry their shardings, e.g. from llmjax.runs.load_run).
+  (params should already carry their shardings, e.g. from llmjax.runs.load_run) with the logical
+  axis `rules` of the run (default: the default config's).
   """
   sampler = sampler or Sampler(**sampling)
   batch = _prepare(model, prompts, max_new_tokens, mesh)
   out, steps, record = _generate_on_device(
-      model, mesh, sampler.static, batch.cache_len, max_new_tokens, return_logits, params,
+      model, _placement(mesh, rules), sampler.static, batch.cache_len, max_new_tokens, return_logits, params,
       batch.tokens, batch.lengths, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
       sampler.dynamic())
   steps = int(steps)
@@ -253,7 +268,7 @@ def _cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
 
 def stream_tokens(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                   sampler: Sampler | None = None, seed: int = 0, eos_id: int | None = None,
-                  mesh=None, **sampling) -> Iterator[np.ndarray]:
+                  mesh=None, rules=None, **sampling) -> Iterator[np.ndarray]:
   """Yields every sequence's next token ([batch] ints) once per decoding step, as soon as it is
   known; stops after max_new_tokens or when every sequence has produced eos_id. The tokens equal
   `generate`'s for the same arguments. Closing the generator early stops the decoding."""
@@ -261,13 +276,14 @@ def stream_tokens(model, params, prompts: Sequence[Sequence[int]], max_new_token
   batch = _prepare(model, prompts, max_new_tokens, mesh)
   key = jax.random.key(seed)
   static, dynamic = sampler.static, sampler.dynamic()
-  token, _, cache = prefill(model, mesh, static, batch.cache_len, params, batch.tokens,
+  placement = _placement(mesh, rules)
+  token, _, cache = prefill(model, placement, static, batch.cache_len, params, batch.tokens,
                             batch.lengths, key, dynamic)
   position = batch.lengths
   done = np.zeros(batch.size, bool)
   for i in range(1, max_new_tokens + 1):
     if i < max_new_tokens:  # queue the next step before waiting for this token
-      upcoming, _, cache = decode_step(model, mesh, static, params, cache, token, position, key,
+      upcoming, _, cache = decode_step(model, placement, static, params, cache, token, position, key,
                                        jnp.int32(i), dynamic)
       position = position + 1
     host = np.asarray(token)[: batch.size]
@@ -343,7 +359,8 @@ class TextStream:
 
 
 def generate_text(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                  stop: Sequence[str] = (), seed: int = 0, mesh=None, use_eos: bool = True,
+                  stop: Sequence[str] = (), seed: int = 0, mesh=None, rules=None,
+                  use_eos: bool = True,
                   truncate_prompt: bool = False, **sampling) -> list[str]:
   """Each prompt's continuation as text, ending before the first stop string or EOS."""
   ids = [encode_prompt(tokenizer, p, model.cfg.max_seq_len, max_new_tokens, truncate_prompt)
@@ -351,7 +368,7 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str], max_new_toke
   eos_id = tokenizer.eos_id if use_eos else None
   streams = [TextStream(tokenizer, stop, eos_id) for _ in prompts]
   for step in stream_tokens(model, params, ids, max_new_tokens, seed=seed, eos_id=eos_id,
-                            mesh=mesh, **sampling):
+                            mesh=mesh, rules=rules, **sampling):
     for s, t in zip(streams, step):
       s.add(t)
     if all(s.stopped for s in streams):

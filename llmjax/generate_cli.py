@@ -62,6 +62,7 @@ def main(argv):
   from llmjax import generate as gen
   from llmjax import quantize as quant
   from llmjax import runs
+  from llmjax import sharding as shd
   from llmjax.checkpoint import CheckpointError
   from llmjax.data import DataError
   from llmjax.sampling import Sampler
@@ -92,7 +93,7 @@ def main(argv):
     eos_id = None if FLAGS.ignore_eos else tokenizer.eos_id
     prompts = [ids] * FLAGS.num_samples
     steps = gen.stream_tokens(model, params, prompts, max_new, sampler=sampler, seed=FLAGS.seed,
-                              eos_id=eos_id, mesh=run.mesh)
+                              eos_id=eos_id, mesh=run.mesh, rules=shd.logical_rules(run.config))
     if FLAGS.print_ids:
       _print_ids(steps, tokenizer, eos_id)
     else:

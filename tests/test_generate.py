@@ -194,7 +194,7 @@ config = cfglib.default_config()
 config.mesh.update(data=1, fsdp=2, tensor=2)
 mesh = shd.make_mesh(config)
 boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-shardings = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shd.DEFAULT_RULES)
+shardings = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shd.logical_rules(config))
 sharded = jax.device_put(params, shardings)
 out = gen.generate(model, sharded, prompts, 8, temperature=0.0, return_logits=True, mesh=mesh)
 streamed = np.stack(list(gen.stream_tokens(model, sharded, prompts, 8, temperature=0.0, mesh=mesh)), 1)
