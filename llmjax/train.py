@@ -24,8 +24,8 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  nonfinite_skipped: jax.Array
-  nonfinite_streak: jax.Array
+  nonfinite_skipped: jax.Array = 0  # defaults keep TrainState(step, params, opt_state) valid
+  nonfinite_streak: jax.Array = 0
 
   @classmethod
   def create(cls, step, params, opt_state) -> "TrainState":
