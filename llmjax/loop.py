@@ -134,16 +134,19 @@ class Run:
                                    f"inconsistent: data position {data_step} != state step")
       log(f"resumed from step {step} in {self.checkpointer.directory}")
       return state
-    with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      if self.init_source is not None:
-        from llmjax import runs
-        source, source_step = self.init_source
-        loaded = runs.load_run(source, source_step, mesh=self.mesh)
-        params = jax.device_put(loaded.params, self.state_shardings.params)
+    if self.init_source is not None:
+      from llmjax import runs
+      source, source_step = self.init_source
+      # outside the mesh/rules context: load_run builds its own abstract state
+      loaded = runs.load_run(source, source_step, mesh=self.mesh)
+      params = jax.device_put(loaded.params, self.state_shardings.params)
+      with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         fresh = jax.jit(lambda p: trainlib.TrainState.create(0, p, self.optimizer.init(p)),
                         out_shardings=self.state_shardings)
-        log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
-        return fresh(params)
+        state = fresh(params)
+      log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
+      return state
+    with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
       return init(jax.random.key(self.config.train.seed))
 
