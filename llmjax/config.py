@@ -63,8 +63,15 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=50,
       eval_every=250,         # 0 disables periodic eval (a final eval still runs)
       eval_batches=20,
-      checkpoint_every=500,   # 0 -> only at the end
-      keep_checkpoints=3,
+      checkpoint_every=500,   # 0 -> only at the end (and on SIGTERM/SIGINT)
+      keep_checkpoints=3,     # keep the latest K checkpoints (0 -> keep all) ...
+      keep_checkpoint_period=0,  # ... plus every step that is a multiple of M (0 -> none)
+      async_checkpointing=True,  # write checkpoints in the background while training goes on
+      init_from="",           # '<workdir>[:step]': start a new run from another run's weights
+      z_loss=0.0,             # coefficient of the auxiliary log(Z)^2 loss (PaLM uses 1e-4)
+      nonfinite_policy="halt",   # NaN/Inf loss or grads: the update is always skipped; 'skip'
+      nonfinite_halt_after=1,    #   counts and goes on, 'halt' stops after N consecutive bad steps
+      inject_nan_grads="",    # fault injection for tests: comma-separated steps with NaN grads
       sample_tokens=300,      # length of the text sample written at the end; 0 disables
       sample_prompt="\n",
       sample_temperature=0.8,
@@ -124,6 +131,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("causal_lm", "masked_lm"),
     "mesh.distributed.initialize": ("auto", "on", "off"),
+    "train.nonfinite_policy": ("skip", "halt"),
 }
 
 
@@ -206,6 +214,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         f"{t.grad_accum_steps}; pick a batch size that is a multiple of it")
   _need(t.objective != "masked_lm" or not m.causal,
         "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
+  _validate_checkpointing(t)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
@@ -227,6 +236,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _need(d.seq_len % sizes["sequence"] == 0,
           f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={sizes['sequence']}; "
           "use a sequence-parallel size that divides the sequence length")
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+  """'3,5, 7' -> (3, 5, 7) (train.inject_nan_grads)."""
+  try:
+    return tuple(sorted({int(x) for x in text.replace(" ", "").split(",") if x}))
+  except ValueError:
+    raise ConfigError(f"train.inject_nan_grads={text!r} must be comma-separated step numbers, "
+                      "e.g. '5,6'") from None
+
+
+def _validate_checkpointing(t) -> None:
+  _need(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0")
+  _need(t.keep_checkpoints >= 0, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 "
+        "(0 keeps all)")
+  _need(t.keep_checkpoint_period >= 0,
+        f"train.keep_checkpoint_period={t.keep_checkpoint_period} must be >= 0 (0 disables)")
+  _need(t.nonfinite_halt_after >= 1,
+        f"train.nonfinite_halt_after={t.nonfinite_halt_after} must be at least 1")
+  _need(t.z_loss >= 0, f"train.z_loss={t.z_loss} must be >= 0")
+  parse_steps(t.inject_nan_grads)
 
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost (DCN-friendly) to innermost

@@ -5,17 +5,20 @@ Every step's work runs inside one jitted function; the host only assembles batch
 """
 from __future__ import annotations
 
-import math
+import json
+import os
 import time
 from pathlib import Path
 
 import flax.linen as nn
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
+from llmjax import evaluate as evallib
 from llmjax import metrics as mlib
+from llmjax import preemption
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.data import load_dataset, load_tokenizer
@@ -37,17 +40,38 @@ class Run:
   def __init__(self, config, workdir: str):
     self.config = config
     self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise ckpt.CheckpointError(f"cannot create --workdir {self.workdir} ({e.strerror}); "
+                                 "choose a writable directory") from None
     self.is_writer = jax.process_index() == 0
-    self.checkpointer = ckpt.Checkpointer(str(self.workdir), keep=config.train.keep_checkpoints)
-    resuming = self.checkpointer.latest_step() is not None
-    tokenizer = load_tokenizer(self.workdir) if resuming else None
+    t = config.train
+    self.checkpointer = ckpt.Checkpointer(
+        str(self.workdir), keep=t.keep_checkpoints, keep_period=t.keep_checkpoint_period,
+        async_save=t.async_checkpointing)
+    self.resume_step = self.checkpointer.latest_step()
+    resuming = self.resume_step is not None
+    # init_from only starts a run: a workdir with checkpoints always resumes from its own.
+    self.init_source = None if resuming else parse_init_from(t.init_from)
+    if resuming and t.init_from:
+      log(f"train.init_from={t.init_from} ignored: {self.workdir} already has checkpoints")
+    if resuming:
+      saved_meta = self.checkpointer.read_meta(self.resume_step)
+      tokenizer = load_tokenizer(self.workdir)
+    elif self.init_source:
+      saved_meta = _read_source_meta(*self.init_source)
+      tokenizer = load_tokenizer(self.init_source[0])
+    else:
+      saved_meta, tokenizer = None, None
+    if saved_meta is not None:
+      self._check_compatible(saved_meta, tokenizer)
     self.dataset = load_dataset(config.data, config.train.seed, tokenizer)
     self.tokenizer = self.dataset.tokenizer
     if self.is_writer and not resuming:
       self.tokenizer.save(self.workdir)
     if self.is_writer:
-      (self.workdir / CONFIG_FILE).write_text(cfglib.to_json(config))
+      _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
 
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
     self.model = Transformer(self.model_config)
@@ -55,7 +79,6 @@ class Run:
     self.rules = shd.logical_rules(config)
     self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
 
-    t = config.train
     micro_batch = config.data.batch_size // t.grad_accum_steps
     self._init_fn, boxed = trainlib.abstract_state(
         self.model, self.optimizer, (micro_batch, config.data.seq_len))
@@ -65,34 +88,84 @@ class Run:
     batch_sharding = shd.batch_sharding(self.mesh)
     train_step = trainlib.make_train_step(
         self.model, self.optimizer, self.schedule, seed=t.seed,
-        grad_accum_steps=t.grad_accum_steps, objective=t.objective, mlm_probability=t.mlm_probability)
+        grad_accum_steps=t.grad_accum_steps, objective=t.objective, mlm_probability=t.mlm_probability,
+        z_loss=t.z_loss, nonfinite_policy=t.nonfinite_policy,
+        nonfinite_halt_after=t.nonfinite_halt_after,
+        inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads))
     self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_sharding),
                               out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     eval_step = trainlib.make_eval_step(self.model, objective=t.objective,
                                         mlm_probability=t.mlm_probability, seed=t.seed)
     self.eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings.params, batch_sharding, None),
                              out_shardings=(replicated, replicated))
-    self.bytes_per_token = self._bytes_per_token()
+    self.bytes_per_token = evallib.bytes_per_token(self.tokenizer, self.dataset.val)
+    self._all_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+  def _check_compatible(self, saved_meta: dict, tokenizer) -> None:
+    """Resuming (or init_from) with a different model or tokenizer: one line listing every
+    differing field, before anything touches the arrays."""
+    vocab = tokenizer.vocab_size if tokenizer is not None else None
+    model = cfglib.model_config(self.config, vocab).to_dict()
+    diffs = ckpt.tokenizer_mismatches(saved_meta.get("tokenizer", {}), self.config.data, tokenizer)
+    diffs += ckpt.model_mismatches(saved_meta.get("model", {}), model)
+    if not diffs:
+      return
+    if self.init_source is None:
+      raise ckpt.CheckpointError(
+          f"cannot resume {self.workdir} from step {self.resume_step}: the config differs from the "
+          f"checkpoint in {', '.join(diffs)}; rerun with the run's config ({CONFIG_FILE}), or "
+          f"use a new --workdir (with --config.train.init_from={self.workdir} to start from its "
+          "weights)")
+    raise ckpt.CheckpointError(
+        f"cannot initialize from {self.config.train.init_from}: the config differs from that "
+        f"checkpoint in {', '.join(diffs)}; use the same model shape and tokenizer")
 
   # -- state -----------------------------------------------------------------------------------
   def initial_state(self):
-    """The latest checkpoint if there is one, else a freshly initialized (already sharded) state."""
-    step = self.checkpointer.latest_step()
-    if step is None:
+    """The latest checkpoint if there is one, else the weights named by train.init_from with a
+    fresh optimizer, else a freshly initialized state (always created already sharded)."""
+    if self.resume_step is not None:
+      step = self.resume_step
+      state, items = self.checkpointer.restore(self.abstract_state, step)
+      data_step = items.get("data", {}).get("step", step)
+      if data_step != int(jax.device_get(state.step)):
+        raise ckpt.CheckpointError(f"checkpoint {step} in {self.checkpointer.directory} is "
+                                   f"inconsistent: data position {data_step} != state step")
+      log(f"resumed from step {step} in {self.checkpointer.directory}")
+      return state
+    if self.init_source is not None:
+      from llmjax import runs
+      source, source_step = self.init_source
+      # outside the mesh/rules context: load_run builds its own abstract state
+      loaded = runs.load_run(source, source_step, mesh=self.mesh)
+      params = jax.device_put(loaded.params, self.state_shardings.params)
       with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
-        return init(jax.random.key(self.config.train.seed))
-    state, meta = self.checkpointer.restore(self.abstract_state, step)
-    log(f"resumed from step {step} in {self.checkpointer.directory}")
-    return state
+        fresh = jax.jit(lambda p: trainlib.TrainState.create(0, p, self.optimizer.init(p)),
+                        out_shardings=self.state_shardings)
+        state = fresh(params)
+      log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
+      return state
+    with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
+      return init(jax.random.key(self.config.train.seed))
 
   def checkpoint_meta(self, step: int) -> dict:
-    return {"step": int(step), "data_step": int(step), "model": self.model_config.to_dict(),
+    meta = {"step": int(step), "data_step": int(step), "model": self.model_config.to_dict(),
             "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
-            "config": self.config.to_dict()}
+            "rng": f"fold_in(key(train.seed={self.config.train.seed}), step): no key is stored"}
+    if self.config.train.init_from:
+      meta["init_from"] = self.config.train.init_from
+    return meta
 
   def save(self, state, step: int) -> None:
-    self.checkpointer.save(step, state, self.checkpoint_meta(step), force=True)
+    """Starts an asynchronous save of the whole run at `step` (blocking only for the device to
+    host copy). The guard keeps parameters finite; this check makes sure no NaN is ever saved."""
+    if not bool(jax.device_get(self._all_finite(state.params))):
+      raise ckpt.CheckpointError(f"refusing to checkpoint step {step}: parameters are not finite")
+    data = {"step": int(step), "seed": self.config.train.seed,
+            "note": "batches are a pure function of (seed, split, step)"}
+    self.checkpointer.save(step, state, self.checkpoint_meta(step), data, self.config.to_dict())
 
   # -- data --------------------------------------------------------------------------------------
   def batch(self, split: str, step: int):
@@ -100,28 +173,62 @@ class Run:
                               jax.process_index(), jax.process_count())
     return shd.put_batch(host, self.mesh)
 
-  def _bytes_per_token(self) -> float:
-    if self.tokenizer.kind in ("char", "byte"):
-      return 1.0  # bits per character / per byte == bits per token
-    sample = np.asarray(self.dataset.val[: 1 << 16])
-    return max(len(self.tokenizer.decode(sample).encode("utf-8")), 1) / len(sample)
-
   # -- evaluation --------------------------------------------------------------------------------
   def evaluate(self, params, num_batches: int | None = None) -> dict:
-    num_batches = num_batches or self.config.train.eval_batches
-    total, count = 0.0, 0.0
     with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for i in range(num_batches):
-        loss_sum, n = self.eval_step(params, self.batch("val", i), i)
-        total, count = total + loss_sum, count + n
-    loss = float(total / count)
-    unit = "bpc" if self.tokenizer.kind == "char" else "bpb"
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-            unit: loss / (math.log(2) * self.bytes_per_token)}
+      return evallib.evaluate_params(
+          self.eval_step, params, lambda i: self.batch("val", i),
+          num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token)
+
+
+def parse_init_from(spec: str):
+  """'<workdir>[:step]' -> (workdir, step or None); '' -> None."""
+  if not spec:
+    return None
+  path, step = spec, None
+  head, sep, tail = spec.rpartition(":")
+  if sep and tail.isdigit():
+    path, step = head, int(tail)
+  return path, step
+
+
+def _read_source_meta(workdir: str, step: int | None) -> dict:
+  source = ckpt.Checkpointer(workdir, async_save=False, read_only=True)
+  try:
+    return source.read_meta(step)
+  finally:
+    source.close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  """A crash mid-write leaves the old file, never a truncated one."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _trim_metrics(workdir: Path, step: int) -> None:
+  """On resume, drops records past the restored step (and a line cut short by a crash): the
+  resumed run logs those steps again, identically."""
+  path = workdir / mlib_METRICS
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        kept.append(line)
+    except json.JSONDecodeError:
+      continue
+  _write_atomic(path, "".join(k + "\n" for k in kept))
+
+
+mlib_METRICS = "metrics.jsonl"
 
 
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir` up to config.train.steps; returns final eval metrics."""
+  """Trains (or resumes) the run in `workdir` up to config.train.steps; returns final eval metrics
+  (or {'stopped_at': step, 'signal': name} when SIGTERM/SIGINT stopped it)."""
   run = Run(config, workdir)
   t, d = config.train, config.data
   state = run.initial_state()
@@ -139,46 +246,32 @@ def train(config, workdir: str) -> dict:
       f"mesh {mesh_desc} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
   log(f"peak {peak_total / 1e12:.3g} TFLOP/s ({peak_source}); training steps {start}..{t.steps}")
 
+  if run.is_writer and run.resume_step is not None:
+    _trim_metrics(run.workdir, start)
   writer = mlib.MetricsWriter(str(run.workdir), tensorboard=t.tensorboard, enabled=run.is_writer)
   progress = None
   if run.is_writer and t.progress:
     from tqdm import tqdm
     progress = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5)
 
-  last_log_time, last_log_step = time.perf_counter(), start
-  pending = None  # the last step's metrics, still on device
-  with shd.use_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    for step in range(start, t.steps):
-      state, pending = run.train_step(state, run.batch("train", step))
-      done = step + 1
-      if progress is not None:
-        progress.update(1)
-      if done % t.log_every == 0 or done == t.steps:
-        values = jax.device_get(pending)
-        now = time.perf_counter()
-        step_time = (now - last_log_time) / max(done - last_log_step, 1)
-        last_log_time, last_log_step = now, done
-        tokens_per_sec = tokens_per_step / step_time
-        values.update(step_time_ms=step_time * 1e3, tokens_per_sec=tokens_per_sec,
-                      mfu=flops_per_step / step_time / peak_total)
-        if not np.isfinite(values["loss"]):
-          log(f"step {done}: loss is {values['loss']}; stopping (lower optim.lr or check the data)")
-          break
-        writer.write(done, values)
-        if progress is not None:
-          progress.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}",
-                               mfu=f"{values['mfu']:.1%}")
-      if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-        writer.write(done, run.evaluate(state.params), prefix="val")
-        last_log_time = time.perf_counter()  # eval time is not step time
-      if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-        run.save(state, done)
-
-  final_step = int(jax.device_get(state.step))
-  if final_step > start:
-    run.save(state, final_step)
+  try:
+    state, stopped = _train_steps(run, state, start, writer, progress,
+                                  flops_per_step / peak_total, tokens_per_step)
+  except BaseException:
+    _shutdown_after_error(run, writer, progress)
+    raise
   if progress is not None:
     progress.close()
+  final_step = int(jax.device_get(state.step))
+  if stopped is not None:
+    writer.close()
+    run.checkpointer.close()
+    log(f"{stopped}: stopped at step {final_step}; checkpoint saved in "
+        f"{run.checkpointer.directory / str(final_step)}; rerun the same command to resume")
+    return {"stopped_at": final_step, "signal": stopped}
+
+  if final_step > start and run.checkpointer.latest_step() != final_step:
+    run.save(state, final_step)
   result = run.evaluate(state.params)
   writer.write(final_step, result, prefix="val")
   log(f"step {final_step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
@@ -198,3 +291,75 @@ def train(config, workdir: str) -> dict:
   writer.close()
   run.checkpointer.close()
   return result
+
+
+def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_time: float,
+                 tokens_per_step: int):
+  """The hot loop. Returns (state, None) at train.steps, or (state, signal name) after a stop
+  request was honoured with a checkpoint at the current step."""
+  t = run.config.train
+  # Test-only knob (crash/preemption tests): sleep after each step so that a signal or SIGKILL can
+  # land at a chosen point of a tiny, fast run. Changes timing only, never results.
+  delay = float(os.environ.get("LLMJAX_TEST_STEP_DELAY_S", "0") or 0)
+  last_log_time, last_log_step = time.perf_counter(), start
+  multi_host = jax.process_count() > 1
+  with preemption.StopRequest() as stop, shd.use_mesh(run.mesh), \
+      nn.logical_axis_rules(run.rules):
+    for step in range(start, t.steps):
+      state, pending = run.train_step(state, run.batch("train", step))
+      done = step + 1
+      if progress is not None:
+        progress.update(1)
+      if delay:
+        time.sleep(delay)
+      if done % t.log_every == 0 or done == t.steps:
+        values = jax.device_get(pending)
+        now = time.perf_counter()
+        step_time = (now - last_log_time) / max(done - last_log_step, 1)
+        last_log_time, last_log_step = now, done
+        values.update(step_time_ms=step_time * 1e3, tokens_per_sec=tokens_per_step / step_time,
+                      mfu=mfu_per_step_time / step_time)
+        writer.write(done, values)
+        _check_nonfinite(run, values, done)
+        if progress is not None:
+          progress.set_postfix(loss=f"{values['loss']:.4f}",
+                               tok_s=f"{values['tokens_per_sec']:,.0f}", mfu=f"{values['mfu']:.1%}")
+      if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+        writer.write(done, run.evaluate(state.params), prefix="val")
+        last_log_time = time.perf_counter()  # eval time is not step time
+      preempted = multi_host and run.checkpointer.manager.reached_preemption(done)
+      if stop.requested() or preempted:
+        _check_nonfinite(run, jax.device_get(pending), done)
+        run.save(state, done)
+        run.checkpointer.wait()
+        return state, stop.signal_name or "preemption notice"
+      if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+        _check_nonfinite(run, jax.device_get(pending), done)  # never checkpoint a halted run
+        run.save(state, done)
+  return state, None
+
+
+def _check_nonfinite(run: Run, values: dict, done: int) -> None:
+  """Under nonfinite_policy='halt', stops once the guard saw `nonfinite_halt_after` consecutive
+  bad steps (the jitted step has kept the parameters from before them)."""
+  t = run.config.train
+  streak = int(values["nonfinite_streak"])
+  if t.nonfinite_policy == "halt" and streak >= t.nonfinite_halt_after:
+    run.checkpointer.wait()
+    raise trainlib.NonFiniteError(
+        f"step {done}: {streak} consecutive step(s) with non-finite loss or gradients "
+        f"(loss {values['loss']}); stopped by train.nonfinite_policy='halt' "
+        f"(train.nonfinite_halt_after={t.nonfinite_halt_after}); the bad updates were skipped, "
+        f"latest checkpoint: step {run.checkpointer.latest_step()}; lower optim.lr, check the "
+        "data, or set --config.train.nonfinite_policy=skip")
+
+
+def _shutdown_after_error(run: Run, writer, progress) -> None:
+  """Releases files and lets a pending (good) save finish, without masking the original error."""
+  if progress is not None:
+    progress.close()
+  writer.close()
+  try:
+    run.checkpointer.close()
+  except Exception:  # noqa: BLE001 - the error being raised is the one to report
+    pass

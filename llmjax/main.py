@@ -20,19 +20,31 @@ flags.DEFINE_string("coordinator_address", "", "Multi-host: host:port of process
                     "(= --config.mesh.distributed.coordinator_address; TPU pods and SLURM need none).")
 flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (0 = detected).")
 flags.DEFINE_integer("process_id", -1, "Multi-host: this process's rank (-1 = detected).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate the latest checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train, or evaluate a checkpoint of --workdir without training (--step).")
+flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step to evaluate (default: latest).")
 FLAGS = flags.FLAGS
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 2) -> None:
   print(f"llmjax: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
+
+
+def evaluate_mode(config) -> None:
+  """--mode=eval: the run's own config; a given --config only contributes mesh.* and
+  train.eval_batches (to evaluate on another device layout)."""
+  import json
+  from llmjax import evaluate
+  result = evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.step, override=config)
+  print(evaluate.format_result(result), flush=True)
+  print(json.dumps(result, sort_keys=True), flush=True)
 
 
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and FLAGS.mode == "train":
     fail("--config is required, e.g. --config=experiments/shakespeare_char.py")
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
@@ -41,7 +53,11 @@ def main(argv):
   from llmjax.checkpoint import CheckpointError
   from llmjax import distributed
   from llmjax import sharding as shd
+  from llmjax.train import NonFiniteError
   try:
+    if FLAGS.mode == "eval":
+      evaluate_mode(config)
+      return
     # Multi-host runs must initialize the distributed runtime before anything touches devices.
     distributed.apply_flags(config, FLAGS.coordinator_address, FLAGS.num_processes,
                             FLAGS.process_id)
@@ -53,6 +69,8 @@ def main(argv):
     loop.train(config, FLAGS.workdir)
   except (cfglib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
     fail(str(e))
+  except NonFiniteError as e:
+    fail(str(e), status=1)
 
 
 def parse_flags(argv):

@@ -54,7 +54,7 @@ def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedR
   """The parameters of checkpoint `step` (default: the latest complete one), placed on `mesh`
   (default: the run's mesh config over this host's devices, or one device if it does not fit)."""
   config = read_config(workdir)
-  checkpointer = ckpt.Checkpointer(str(workdir), async_save=False)
+  checkpointer = ckpt.Checkpointer(str(workdir), async_save=False, read_only=True)
   try:
     steps = checkpointer.all_steps()
     if not steps:
@@ -97,16 +97,15 @@ def create_run(workdir: str | Path, config, params, tokenizer, step: int = 0) ->
   model_config = cfglib.model_config(config, tokenizer.vocab_size)
   config.model.vocab_size = model_config.vocab_size
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
-  state = trainlib.TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
-                              opt_state=optimizer.init(params))
+  state = trainlib.TrainState.create(step, params, optimizer.init(params))
   tokenizer.save(workdir)
   (workdir / CONFIG_FILE).write_text(cfglib.to_json(config))
   checkpointer = ckpt.Checkpointer(str(workdir), async_save=False)
   try:
     meta = {"step": step, "data_step": step, "model": model_config.to_dict(),
-            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
-            "config": config.to_dict()}
-    checkpointer.save(step, state, meta, force=True)
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
+    checkpointer.save(step, state, meta, {"step": step, "seed": config.train.seed},
+                      config.to_dict())
     checkpointer.wait()
   finally:
     checkpointer.close()

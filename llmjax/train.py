@@ -18,10 +18,24 @@ from llmjax import sharding as shd
 @flax.struct.dataclass
 class TrainState:
   """Everything an optimizer step changes. Dropout/masking randomness is derived from
-  (seed, step), so the step number is the whole RNG state and resumption is exact."""
+  (seed, step), so the step number is the whole RNG state and resumption is exact (no key is
+  stored). `nonfinite_skipped` counts steps whose update was skipped by the non-finite guard and
+  `nonfinite_streak` the current run of consecutive ones; both are checkpointed with the rest."""
   step: jax.Array
   params: Any
   opt_state: Any
+  nonfinite_skipped: jax.Array = 0  # defaults keep TrainState(step, params, opt_state) valid
+  nonfinite_streak: jax.Array = 0
+
+  @classmethod
+  def create(cls, step, params, opt_state) -> "TrainState":
+    zero = jnp.zeros((), jnp.int32)
+    return cls(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
+               nonfinite_skipped=zero, nonfinite_streak=zero)
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped by the non-finite guard (train.nonfinite_policy='halt')."""
 
 
 def token_loss(logits, targets, weights):
@@ -42,7 +56,18 @@ def _model_inputs(batch):
   return dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
 
 
-def make_loss_fn(model: nn.Module, objective: str = "causal_lm", mlm_probability: float = 0.15):
+def z_loss_term(logits, weights):
+  """PaLM's auxiliary loss mean(log(Z)^2): keeps the softmax normalizer near 1 so bf16/large-vocab
+  logits do not drift (and overflow)."""
+  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.square(log_z) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_loss_fn(model: nn.Module, objective: str = "causal_lm", mlm_probability: float = 0.15,
+                 z_loss: float = 0.0):
+  """(params, batch, rng, deterministic) -> (loss to differentiate, (cross-entropy, token count)).
+  With `z_loss` > 0 the differentiated loss adds z_loss * mean(log Z^2); the reported
+  cross-entropy never includes it, so losses stay comparable across runs."""
   def loss_fn(params, batch, rng, deterministic: bool):
     inputs, targets = batch["inputs"], batch["targets"]
     weights = jnp.ones(targets.shape, jnp.float32)
@@ -53,21 +78,53 @@ def make_loss_fn(model: nn.Module, objective: str = "causal_lm", mlm_probability
     logits = model.apply({"params": params}, inputs, deterministic=deterministic,
                          rngs={"dropout": rng}, **_model_inputs(batch))
     loss, count = token_loss(logits, targets, weights)
-    return loss, count
+    if z_loss:
+      return loss + z_loss * z_loss_term(logits, weights), (loss, count)
+    return loss, (loss, count)
   return loss_fn
 
 
+def poison_gradients(grads, step, steps: tuple[int, ...]):
+  """Fault injection for tests (train.inject_nan_grads): NaN gradients on the given 1-based steps.
+  Compiled out entirely when `steps` is empty."""
+  if not steps:
+    return grads
+  hit = jnp.any(step + 1 == jnp.asarray(steps, jnp.int32))
+  return jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
+
+
+def guarded_update(state, grads, loss, params, opt_state, policy: str, halt_after: int):
+  """The non-finite guard, inside the jitted step (no host sync): if the loss or any gradient is
+  NaN/Inf, keep the old params and optimizer state (so no NaN can reach a checkpoint) and count
+  the step. Under 'halt', once `halt_after` consecutive steps were bad the state stays frozen and
+  the loop stops at its next metrics fetch. The global grad norm is non-finite iff some gradient
+  is, so one scalar test covers the whole tree. Returns (new state, finite flag)."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  ok = finite
+  if policy == "halt":
+    ok = ok & (state.nonfinite_streak < halt_after)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  bad = (~ok).astype(jnp.int32)
+  return TrainState(step=state.step + 1, params=keep(params, state.params),
+                    opt_state=keep(opt_state, state.opt_state),
+                    nonfinite_skipped=state.nonfinite_skipped + bad,
+                    nonfinite_streak=(state.nonfinite_streak + bad) * bad), finite
+
+
 def make_train_step(model, optimizer, schedule, *, seed: int, grad_accum_steps: int = 1,
-                    objective: str = "causal_lm", mlm_probability: float = 0.15) -> Callable:
+                    objective: str = "causal_lm", mlm_probability: float = 0.15,
+                    z_loss: float = 0.0, nonfinite_policy: str = "halt",
+                    nonfinite_halt_after: int = 1, inject_nan_grads: tuple[int, ...] = ()) -> Callable:
   """state, batch -> (state, metrics). With accumulation the batch's leading axis is split into
-  `grad_accum_steps` micro-batches whose gradients are averaged (a scan keeps memory flat)."""
-  loss_fn = make_loss_fn(model, objective, mlm_probability)
+  `grad_accum_steps` micro-batches whose gradients are averaged (a scan keeps memory flat).
+  Non-finite steps are handled by `guarded_update`."""
+  loss_fn = make_loss_fn(model, objective, mlm_probability, z_loss)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if grad_accum_steps == 1:
-      (loss, _), grads = grad_fn(state.params, batch, rng, False)
+      (_, (loss, _)), grads = grad_fn(state.params, batch, rng, False)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
@@ -75,7 +132,7 @@ def make_train_step(model, optimizer, schedule, *, seed: int, grad_accum_steps: 
       def accumulate(carry, xs):
         grads_sum, loss_sum = carry
         i, mb = xs
-        (loss, _), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), False)
+        (_, (loss, _)), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), False)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -83,10 +140,15 @@ def make_train_step(model, optimizer, schedule, *, seed: int, grad_accum_steps: 
           accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       loss = loss / grad_accum_steps
+    grads = poison_gradients(grads, state.step, tuple(inject_nan_grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state, _ = guarded_update(state, grads, loss, params, opt_state, nonfinite_policy,
+                                  nonfinite_halt_after)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+               "nonfinite_skipped": new_state.nonfinite_skipped,
+               "nonfinite_streak": new_state.nonfinite_streak}
+    return new_state, metrics
 
   return train_step
 
@@ -98,7 +160,7 @@ def make_eval_step(model, *, objective: str = "causal_lm", mlm_probability: floa
 
   def eval_step(params, batch, index):
     rng = jax.random.fold_in(jax.random.key(seed + 1), index)
-    loss, count = loss_fn(params, batch, rng, True)
+    _, (loss, count) = loss_fn(params, batch, rng, True)
     return loss * count, count
 
   return eval_step
@@ -109,7 +171,7 @@ def abstract_state(model, optimizer, example_batch_shape):
   def init(rng):
     tokens = jnp.zeros(example_batch_shape, jnp.int32)
     params = model.init(rng, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return TrainState.create(0, params, optimizer.init(params))
   return init, jax.eval_shape(init, jax.random.key(0))
 
 

@@ -1,0 +1,91 @@
+"""Validation metrics (loss, perplexity, bits per character/byte), during training and eval-only.
+
+`python -m llmjax.main --mode=eval --workdir=RUN [--step=N]` evaluates a checkpoint without
+training: it restores only what evaluation needs, on the run's mesh or on another one
+(`--config=... --config.mesh.fsdp=4 ...`: only the `mesh` and `train.eval_batches` fields of a
+given config are used, everything else comes from the run), prints the metrics and writes them to
+`RUN/eval/step_<N>.json`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llmjax import sharding as shd
+from llmjax import train as trainlib
+
+
+def bytes_per_token(tokenizer, val_tokens) -> float:
+  if tokenizer.kind in ("char", "byte"):
+    return 1.0  # bits per character / per byte == bits per token
+  sample = np.asarray(val_tokens[: 1 << 16])
+  return max(len(tokenizer.decode(sample).encode("utf-8")), 1) / max(len(sample), 1)
+
+
+def evaluate_params(eval_step, params, batch_fn, num_batches: int, tokenizer,
+                    bytes_per_tok: float) -> dict:
+  """Token-weighted mean loss over `num_batches` validation batches (summed in float64 on the
+  host, so the result does not depend on how batches were split across devices)."""
+  total, count = 0.0, 0.0
+  for i in range(num_batches):
+    loss_sum, n = jax.device_get(eval_step(params, batch_fn(i), i))
+    total, count = total + float(loss_sum), count + float(n)
+  loss = total / max(count, 1.0)
+  unit = "bpc" if tokenizer.kind == "char" else "bpb"
+  return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+          unit: loss / (math.log(2) * bytes_per_tok)}
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) -> dict:
+  """Evaluates checkpoint `step` (default: latest) of the run in `workdir`. `override`, a config,
+  supplies the mesh and train.eval_batches. Returns the metrics with 'step' added."""
+  from llmjax import runs
+  from llmjax.data import load_dataset
+
+  config = runs.read_config(workdir)
+  if override is not None:
+    config.mesh.update(override.mesh.to_dict())
+    config.train.eval_batches = override.train.eval_batches
+  from llmjax import config as cfglib
+  try:
+    cfglib.validate(config, num_devices=jax.device_count())  # e.g. batch vs the new mesh
+  except cfglib.ConfigError:
+    if override is not None:
+      raise
+    # the run's training mesh does not fit here: plain data parallelism over what there is
+    config.mesh.update(data=-1, fsdp=1, sequence=1, tensor=1)
+    config.mesh.dcn.update(data=1, fsdp=1, sequence=1, tensor=1)
+    cfglib.validate(config, num_devices=jax.device_count())
+  mesh = shd.make_mesh(config)
+  loaded = runs.load_run(workdir, step, mesh=mesh)
+  dataset = load_dataset(loaded.config.data, loaded.config.train.seed, loaded.tokenizer)
+  t = loaded.config.train
+  eval_step = jax.jit(trainlib.make_eval_step(loaded.model, objective=t.objective,
+                                              mlm_probability=t.mlm_probability, seed=t.seed))
+  batch_fn = lambda i: shd.put_batch(
+      dataset.batch("val", i, loaded.config.data.batch_size, jax.process_index(),
+                    jax.process_count()), mesh)
+  import flax.linen as nn
+  with shd.use_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
+    result = evaluate_params(eval_step, loaded.params, batch_fn, config.train.eval_batches,
+                             loaded.tokenizer, bytes_per_token(loaded.tokenizer, dataset.val))
+  result = {"step": loaded.step, **result}
+  if jax.process_index() == 0:
+    out = Path(workdir) / "eval" / f"step_{loaded.step}.json"
+    try:
+      out.parent.mkdir(exist_ok=True)
+      out.write_text(json.dumps(result, indent=2))
+      result["written_to"] = str(out)
+    except OSError as e:  # a read-only run directory still gets its numbers printed
+      print(f"llmjax: warning: could not write {out}: {e.strerror}")
+  return result
+
+
+def format_result(result: dict) -> str:
+  extra = ", ".join(f"{k} {result[k]:.4f}" for k in ("bpc", "bpb") if k in result)
+  return (f"step {result['step']}: val loss {result['loss']:.6f}, perplexity "
+          f"{result['perplexity']:.3f}, {extra}")
