@@ -90,7 +90,7 @@ def test_cpu_devices_reach_the_mesh(tmp_path):
                   "--config.train.eval_batches=1", "--config.train.sample_tokens=0",
                   "--config.train.progress=False", "--config.train.tensorboard=False"], timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "mesh data=2 x fsdp=1 x tensor=1 over 2 cpu device(s)" in proc.stdout
+  assert "mesh data=2 x " in proc.stdout and "over 2 cpu device(s)" in proc.stdout
 
 
 @pytest.mark.slow
