@@ -37,6 +37,8 @@ setup(
         # Hugging Face import/export: tokenizer.json needs `tokenizers`; loading by hub id needs
         # huggingface_hub. Weights themselves need only safetensors (a core dependency).
         "hf": ["tokenizers>=0.23.1", "huggingface_hub>=1.31"],
+        # benchmarks/nanogpt_reference.py: the PyTorch nanoGPT twin timed against llmjax
+        "bench": ["torch>=2.1"],  # measured with torch 2.13.0 (CPU wheel)
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

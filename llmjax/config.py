@@ -113,6 +113,9 @@ def default_config() -> ml_collections.ConfigDict:
           timeout_s=300,
       )),
   ))
+  # XLA devices to split a CPU host into before JAX starts (llmjax/cpu_devices.py): 1 = XLA's
+  # single device (default); N = N devices for data parallelism over the cores; 0 = one per core.
+  c.mesh.cpu_devices = 1
   return c
 
 
@@ -222,6 +225,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   d_ = config.mesh.distributed
   _need(d_.num_processes >= 0, f"mesh.distributed.num_processes={d_.num_processes} must be >= 0")
   _need(d_.process_id >= -1, f"mesh.distributed.process_id={d_.process_id} must be >= 0 (or -1)")
+  _need(config.mesh.cpu_devices >= 0,
+        f"mesh.cpu_devices={config.mesh.cpu_devices} must be 0 (one per core) or a device count")
   if num_devices is not None:
     sizes = mesh_shape(config, num_devices, num_slices)
     batch_shards = sizes["data"] * sizes["fsdp"]

@@ -54,6 +54,7 @@ def main(argv):
   from llmjax import distributed
   from llmjax import sharding as shd
   from llmjax.train import NonFiniteError
+  from llmjax.cpu_devices import configure_cpu_devices
   try:
     if FLAGS.mode == "eval":
       evaluate_mode(config)
@@ -61,7 +62,8 @@ def main(argv):
     # Multi-host runs must initialize the distributed runtime before anything touches devices.
     distributed.apply_flags(config, FLAGS.coordinator_address, FLAGS.num_processes,
                             FLAGS.process_id)
-    cfglib.validate(config)
+    cfglib.validate(config)         # schema and sizes, before anything reads the config
+    configure_cpu_devices(config)   # must precede the first JAX operation
     distributed.initialize(config)
     cfglib.validate(config, num_devices=jax.device_count(),
                     num_slices=shd.num_slices(config, jax.devices()))

@@ -86,8 +86,9 @@ def to_llmjax(hf: Mapping[str, Any], param_dtype: str = "float32") -> Transforme
                 param_dtype=param_dtype, dtype="float32")
   if kind == GPT2:
     act = hf.get("activation_function", "gelu_new")
-    _refuse(act not in ("gelu_new", "gelu_pytorch_tanh"),
-            f"GPT-2 activation_function={act!r} is not supported (llmjax uses tanh-GELU = gelu_new)")
+    _refuse(act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"),
+            f"GPT-2 activation_function={act!r} is not supported (llmjax has tanh-GELU = gelu_new "
+            "and exact GELU = gelu)")
     _refuse(not hf.get("scale_attn_weights", True),
             "GPT-2 scale_attn_weights=false (unscaled attention) is not supported")
     _refuse(hf.get("scale_attn_by_inverse_layer_idx", False),
@@ -98,7 +99,8 @@ def to_llmjax(hf: Mapping[str, Any], param_dtype: str = "float32") -> Transforme
         **common, num_layers=int(hf["n_layer"]), num_heads=int(hf["n_head"]), embed_dim=d,
         mlp_dim=_mlp_dim(hf.get("n_inner"), d), max_seq_len=int(hf["n_positions"]),
         position="learned", norm="layernorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        mlp="gelu", use_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+        mlp="gelu", gelu_approximate=act != "gelu", use_bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
   act = hf.get("hidden_act", "silu")
   _refuse(act != "silu", f"{hf['model_type']} hidden_act={act!r} is not supported (SwiGLU uses silu)")
@@ -150,7 +152,8 @@ def to_hf(cfg: TransformerConfig, eos_id: int | None = None, bos_id: int | None 
         "architectures": [ARCHITECTURES[kind]], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_embd": cfg.embed_dim, "n_layer": cfg.num_layers,
         "n_head": cfg.num_heads, "n_inner": cfg.hidden_dim, "n_positions": cfg.max_seq_len,
-        "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
+        "n_ctx": cfg.max_seq_len,
+        "activation_function": "gelu_new" if cfg.gelu_approximate else "gelu",
         "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype, "use_cache": True,

@@ -33,6 +33,7 @@ class TransformerConfig:
   norm: str = "layernorm"      # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
   mlp: str = "gelu"            # 'gelu' | 'swiglu'
+  gelu_approximate: bool = True  # tanh GELU (GPT-2's "gelu_new"); False: exact erf GELU (nanoGPT)
   use_bias: bool = True
   tie_embeddings: bool = True
   dropout: float = 0.0

@@ -60,7 +60,7 @@ class Transformer(nn.Module):
                            (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
     if cfg.position == "learned":
-      pos_table = self.param("position_embedding", logical_init(cfg, ("length", "embed"), 0.01),
+      pos_table = self.param("position_embedding", logical_init(cfg, ("length", "embed")),
                              (cfg.max_seq_len, cfg.embed_dim), cfg.weight_dtype)
       x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)

@@ -1,0 +1,264 @@
+"""Training throughput of the real llmjax training loop: tokens/s, ms/step and MFU.
+
+Each measurement runs `llmjax.loop.train` itself (batch sampling from llmjax.data, putting the
+batch on the mesh, the jitted train step, the progress bar, and fetching + writing metrics every
+`log_every` steps) in a fresh subprocess, and reads the step times the loop logs to metrics.jsonl.
+The first log interval (it includes compilation) is dropped; periodic eval, checkpoints and the
+text sample are switched off so they do not pollute the intervals.
+
+These 2-core machines are shared and noisy, so variants are measured *interleaved*: round 1 runs
+every variant once, round 2 again, ...; the figures are medians over all intervals of all rounds.
+With --nanogpt, benchmarks/nanogpt_reference.py (PyTorch, eager) takes part in the same rounds on
+the shakespeare_char configuration and the JSON reports llmjax's tokens/s relative to it.
+
+  python benchmarks/train_throughput.py                       # both configs, 3 rounds
+  python benchmarks/train_throughput.py --configs=shakespeare_char --nanogpt --rounds=5
+  python benchmarks/train_throughput.py --configs=shakespeare_char \
+      --variant=base: --variant=unrolled:model.scan_layers=False     # A/B any config fields
+  python benchmarks/train_throughput.py --tiny                # seconds; used by the tests
+
+Results: benchmarks/RESULTS.md. JSON: --out (default benchmarks/out/train_throughput.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+# name -> (experiment file, overrides, steps per log interval). The compute-bound config is the
+# brief's "6 layers, 6 heads, 384 wide, block 256, batch 8" on the shakespeare_char recipe.
+CONFIGS = {
+    "shakespeare_char": ("experiments/shakespeare_char.py", {}, 50),
+    "cpu_6l384": ("experiments/shakespeare_char.py",
+                  {"model.num_layers": 6, "model.num_heads": 6, "model.embed_dim": 384,
+                   "model.max_seq_len": 256, "data.seq_len": 256, "data.batch_size": 8}, 5),
+    # --tiny: a 2-layer model, a few steps; checks the plumbing in seconds.
+    "tiny": ("experiments/shakespeare_char.py",
+             {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2}, 4),
+}
+
+
+def _parse_variant(text: str) -> tuple[str, dict]:
+  """'name:key=value,key=value' -> (name, {key: value}) with values parsed as Python literals."""
+  name, _, rest = text.partition(":")
+  overrides = {}
+  for item in filter(None, rest.split(",")):
+    key, _, value = item.partition("=")
+    overrides[key.strip()] = value.strip()
+  return name or "default", overrides
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: one measurement in this process (run by the driver as a subprocess).
+
+def worker(spec: dict) -> dict:
+  """Runs llmjax.loop.train for spec['intervals'] + 1 log intervals; returns the logged step times."""
+  from llmjax import config as cfglib
+  from llmjax.cpu_devices import configure_cpu_devices
+  from llmjax import loop
+  from llmjax import metrics as mlib
+  import importlib.util
+
+  experiment, overrides, log_every = CONFIGS[spec["config"]]
+  module_spec = importlib.util.spec_from_file_location("experiment", ROOT / experiment)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config()
+  flat = dict(overrides)
+  for key, value in spec.get("overrides", {}).items():
+    if key.startswith("env."):  # env.XLA_FLAGS=... : an environment variable for this worker
+      os.environ[key[4:]] = value
+    else:
+      flat[key] = _literal(value)
+  log_every = int(flat.pop("train.log_every", log_every))
+  steps = log_every * (spec["intervals"] + 1)
+  flat.update({"data.path": spec["data"], "train.steps": steps, "train.log_every": log_every,
+               "train.eval_every": 0, "train.eval_batches": 1, "train.checkpoint_every": 0,
+               "train.sample_tokens": 0, "train.progress": True, "train.tensorboard": True,
+               # the lr schedule is part of the config, but keep the shape of a full run's steps
+               "optim.decay_steps": config.train.steps})
+  for key, value in flat.items():
+    section, field = key.split(".", 1)
+    config[section][field] = value
+  cfglib.validate(config)
+  configure_cpu_devices(config)  # as llmjax.main does, before JAX starts
+  import jax
+  cfglib.validate(config, num_devices=jax.device_count())
+  with tempfile.TemporaryDirectory(prefix="llmjax_bench_") as workdir:
+    devnull = open(os.devnull, "w")
+    stderr, sys.stderr = sys.stderr, devnull  # the progress bar still runs; keep the pipe quiet
+    try:
+      loop.train(config, workdir)
+    finally:
+      sys.stderr = stderr
+    records = [r for r in mlib.read_metrics(workdir) if r.get("split") == "train"]
+  from llmjax.model import num_params
+  from llmjax.config import model_config
+  intervals = [r["step_time_ms"] for r in records[1:]]  # the first interval includes compilation
+  cfg = model_config(config, 65)
+  return {"step_time_ms": intervals, "devices": jax.device_count(),
+          "tokens_per_step": config.data.batch_size * config.data.seq_len,
+          "flops_per_token": mlib.flops_per_token(cfg, config.data.seq_len),
+          "params": num_params(cfg), "final_loss": records[-1]["loss"] if records else None}
+
+
+def _literal(value: str):
+  import ast
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+def nanogpt_worker(spec: dict) -> dict:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import nanogpt_reference as ref
+  import torch
+  if spec.get("threads"):
+    torch.set_num_threads(spec["threads"])
+  trainer = ref.Trainer(spec["data"], log_interval=1)
+  per = spec["log_every"]
+  ref.time_iterations(trainer, per)  # warm-up interval, like the dropped first llmjax interval
+  intervals = [ref.time_iterations(trainer, per) * 1e3 for _ in range(spec["intervals"])]
+  import torch
+  return {"step_time_ms": intervals, "threads": torch.get_num_threads(),
+          "torch": torch.__version__, "params": trainer.num_params(),
+          "tokens_per_step": trainer.hp["batch_size"] * trainer.hp["block_size"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver.
+
+def _run_worker(spec: dict, timeout: float) -> dict:
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(f"benchmark worker {spec} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def host_peak_flops() -> tuple[float, str]:
+  """The host's fp32 matmul peak (both cores), measured once with llmjax.metrics."""
+  from llmjax import metrics as mlib
+  return mlib.measured_cpu_peak_flops(2048), "measured fp32 matmul 2048^2 (llmjax.metrics)"
+
+
+def summarize(samples: list[float], tokens_per_step: int, flops_per_token: float | None,
+              peak: float) -> dict:
+  ms = statistics.median(samples)
+  out = {"ms_per_step": ms, "tokens_per_sec": tokens_per_step / ms * 1e3,
+         "ms_per_step_min": min(samples), "ms_per_step_max": max(samples), "samples": len(samples)}
+  if flops_per_token:
+    out["mfu"] = flops_per_token * tokens_per_step / (ms / 1e3) / peak
+  return out
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--configs", default="shakespeare_char,cpu_6l384",
+                      help=f"comma-separated, from {', '.join(CONFIGS)}")
+  parser.add_argument("--variant", action="append", default=[],
+                      help="NAME:key=value,... config overrides measured side by side (repeatable); "
+                      "env.VAR=value sets an environment variable (e.g. env.XLA_FLAGS=...)")
+  parser.add_argument("--nanogpt", action="store_true",
+                      help="also time benchmarks/nanogpt_reference.py (PyTorch) on shakespeare_char")
+  parser.add_argument("--nanogpt_threads", type=int, default=0,
+                      help="torch threads for the reference (0: torch's default, all cores). On a "
+                      "loaded machine torch's 2-thread OpenMP collapses; 1 thread is robust")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+  parser.add_argument("--intervals", type=int, default=3, help="timed log intervals per round")
+  parser.add_argument("--data", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else "",
+                      help="text corpus ('' = the embedded corpus); default tiny Shakespeare")
+  parser.add_argument("--peak_flops", type=float, default=0.0, help="host peak FLOP/s for MFU; "
+                      "0 = measure an fp32 matmul once")
+  parser.add_argument("--tiny", action="store_true", help="a 2-layer model, 1 round: seconds")
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "train_throughput.json"))
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  if args.worker:
+    spec = json.loads(args.worker)
+    result = nanogpt_worker(spec) if spec.get("kind") == "nanogpt" else worker(spec)
+    print(json.dumps(result))
+    return result
+
+  if args.tiny:
+    configs, args.rounds, args.intervals = ["tiny"], 1, 2
+  else:
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+  for name in configs:
+    if name not in CONFIGS:
+      parser.error(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+  variants = [_parse_variant(v) for v in args.variant] or [("llmjax", {})]
+  if args.nanogpt and not args.data:
+    parser.error("--nanogpt needs a text corpus: pass --data=PATH (tiny Shakespeare)")
+
+  peak, peak_source = (args.peak_flops, "--peak_flops") if args.peak_flops else host_peak_flops()
+  started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  samples: dict[tuple[str, str], list[float]] = {}
+  info: dict[tuple[str, str], dict] = {}
+  for round_index in range(args.rounds):
+    for config_name in configs:
+      jobs = [(v, {"config": config_name, "overrides": o, "intervals": args.intervals,
+                   "data": args.data}) for v, o in variants]
+      if args.nanogpt and config_name == "shakespeare_char":
+        jobs.append(("nanogpt", {"kind": "nanogpt", "intervals": args.intervals, "data": args.data,
+                                 "log_every": CONFIGS[config_name][2],
+                                 "threads": args.nanogpt_threads}))
+      for variant_name, spec in jobs:
+        result = _run_worker(spec, timeout=1800)
+        key = (config_name, variant_name)
+        samples.setdefault(key, []).extend(result.pop("step_time_ms"))
+        info[key] = result
+        print(f"round {round_index + 1}/{args.rounds} {config_name:>16} {variant_name:>12}: "
+              f"{statistics.median(samples[key]):8.1f} ms/step (median so far)", flush=True)
+
+  report = {"date": started, "machine": f"{os.cpu_count()}-core CPU", "peak_flops": peak,
+            "peak_source": peak_source, "rounds": args.rounds, "intervals_per_round": args.intervals,
+            "data": args.data or "embedded corpus", "command": " ".join([sys.executable] + sys.argv),
+            "results": {}}
+  for (config_name, variant_name), values in samples.items():
+    meta = info[(config_name, variant_name)]
+    if "flops_per_token" not in meta:  # nanoGPT: the same architecture, so the same FLOPs
+      meta["flops_per_token"] = next((m["flops_per_token"] for (c, _), m in info.items()
+                                      if c == config_name and "flops_per_token" in m), None)
+    entry = summarize(values, meta["tokens_per_step"], meta.get("flops_per_token"), peak)
+    entry.update({k: v for k, v in meta.items() if k != "tokens_per_step"})
+    entry["overrides"] = dict(CONFIGS[config_name][1], **dict(variants).get(variant_name, {}))
+    report["results"].setdefault(config_name, {})[variant_name] = entry
+  ref = report["results"].get("shakespeare_char", {}).get("nanogpt")
+  if ref:
+    for name, entry in report["results"]["shakespeare_char"].items():
+      entry["speedup_vs_nanogpt"] = entry["tokens_per_sec"] / ref["tokens_per_sec"]
+
+  print(f"\npeak {peak / 1e9:.0f} GFLOP/s ({peak_source}); medians of {args.rounds} interleaved rounds")
+  print(f"{'config':>16} {'variant':>12} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'vs nanoGPT':>10}")
+  for config_name, entries in report["results"].items():
+    for variant_name, e in entries.items():
+      mfu = f"{e['mfu']:.1%}" if "mfu" in e else "-"
+      speed = f"{e['speedup_vs_nanogpt']:.2f}x" if "speedup_vs_nanogpt" in e else ""
+      print(f"{config_name:>16} {variant_name:>12} {e['ms_per_step']:9.1f} {e['tokens_per_sec']:10,.0f} "
+            f"{mfu:>7} {speed:>10}")
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=2))
+  print(f"wrote {out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
