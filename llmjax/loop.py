@@ -24,8 +24,8 @@ from llmjax import train as trainlib
 from llmjax.data import load_dataset, load_tokenizer
 from llmjax.model import Transformer, num_params
 from llmjax.optim import make_optimizer
+from llmjax.runs import CONFIG_FILE
 
-from llmjax.runs import CONFIG_FILE  # noqa: E402  (one name for the run's config file)
 SAMPLE_FILE = "sample.txt"
 
 
@@ -210,7 +210,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _trim_metrics(workdir: Path, step: int) -> None:
   """On resume, drops records past the restored step (and a line cut short by a crash): the
   resumed run logs those steps again, identically."""
-  path = workdir / mlib_METRICS
+  path = workdir / mlib.METRICS_FILE
   if not path.exists():
     return
   kept = []
@@ -222,8 +222,6 @@ def _trim_metrics(workdir: Path, step: int) -> None:
       continue
   _write_atomic(path, "".join(k + "\n" for k in kept))
 
-
-mlib_METRICS = "metrics.jsonl"
 
 
 def train(config, workdir: str) -> dict:

@@ -67,6 +67,9 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
   return float("nan"), f"unknown device kind {kind!r}; set train.peak_flops"
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsWriter:
   """Appends one JSON line per record to metrics.jsonl and mirrors scalars into TensorBoard.
 
@@ -75,7 +78,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
     self.enabled = enabled
-    self.path = Path(workdir) / "metrics.jsonl"
+    self.path = Path(workdir) / METRICS_FILE
     self._tb = None
     if enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,7 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = Path(workdir) / "metrics.jsonl"
+  path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
