@@ -13,6 +13,11 @@ absolute positions in a preallocated per-layer cache, so no example ever attends
 cache is only as long as the generation needs (not the model's whole context) and carries the
 same logical shardings as the parameters, so decoding runs unchanged on a device mesh.
 
+Decoding runs the model's per-layer path (see llmjax.model.transformer): the stacked layer weights
+are split into per-layer arrays once per call (`decode_params`), and each layer has its own cache
+arrays, which the decode step updates in place. This costs one extra copy of the layer weights
+while a generation runs (callers that decode many times can split once and pass the result).
+
 Command line (streams text; see README "Generate"):
   python -m llmjax.generate --workdir=runs/demo --prompt="ROMEO:" --max_new_tokens=200
 """
@@ -31,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import sharding as shd
+from llmjax.model import unstack_layers
 from llmjax.model.attention import CACHE_AXES
 from llmjax.sampling import Sampler, sample, sample_logits  # noqa: F401  (sample_logits: re-export)
 
@@ -71,19 +77,20 @@ def _fit_spec(spec: P, shape, mesh) -> P:
 
 
 def cache_shardings(cache_shapes, mesh, rules=None):
-  """NamedShardings for a stacked cache from its logical axes ('layers', *CACHE_AXES)."""
-  spec = nn.logical_to_mesh_axes(("layers",) + CACHE_AXES, rules or default_rules())
+  """NamedShardings for the per-layer caches from their logical axes (CACHE_AXES)."""
+  spec = nn.logical_to_mesh_axes(CACHE_AXES, rules or default_rules())
   return jax.tree.map(lambda s: NamedSharding(mesh, _fit_spec(spec, s.shape, mesh)), cache_shapes)
 
 
 def cache_shapes(model, batch_size: int, length: int):
-  """ShapeDtypeStructs of the stacked KV cache [layers, batch, length, kv_heads, head_dim]."""
+  """ShapeDtypeStructs of the KV cache: per layer ("layer_0", ...) keys and values
+  [batch, length, kv_heads, head_dim]."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
 
   def resize(s):
     shape = list(s.shape)
-    shape[2] = length
+    shape[1] = length
     return jax.ShapeDtypeStruct(tuple(shape), s.dtype)
   return jax.tree.map(resize, shapes)
 
@@ -107,7 +114,15 @@ def _zero_cache(model, batch_size, length, mesh):
 
 
 # -- the jitted pieces -----------------------------------------------------------------------------
+@jax.jit
+def decode_params(params):
+  """The params split into per-layer weights, as decoding reads them (see module docstring).
+  Passing these instead of the stacked params saves that split (a copy) on every call."""
+  return unstack_layers(params)
+
+
 def _apply(model, mesh, params, cache, tokens, positions):
+  params = unstack_layers(params)  # a no-op for params from decode_params
   with nn.logical_axis_rules(() if mesh is None else mesh[1]):
     if mesh is not None:
       with mesh[0]:
@@ -140,7 +155,8 @@ def prefill(model, mesh, sampler, cache_len, params, tokens, lengths, key, sampl
 @functools.partial(jax.jit, static_argnames=("model", "mesh", "sampler"), donate_argnames=("cache",))
 def decode_step(model, mesh, sampler, params, cache, token, position, key, index, sampling):
   """Feeds `token` (at `position`) and samples token number `index`. The cache is donated, so
-  XLA updates it in place instead of copying it every step."""
+  XLA updates it in place instead of copying it every step. Pass `decode_params(params)`: stacked
+  params would be split (copied) on every step."""
   logits, cache = _apply(model, mesh, params, cache, token[:, None], position[:, None])
   logits = logits[:, 0]
   return sample(jax.random.fold_in(key, index), logits, sampler, sampling), logits, cache
@@ -152,6 +168,7 @@ def _generate_on_device(model, mesh, sampler, cache_len, max_new_tokens, return_
                         params, tokens, lengths, key, eos_id, sampling):
   """The whole generation as one program: prefill, then a while_loop of decode steps that ends
   after max_new_tokens or once every sequence has emitted eos_id (-1: never)."""
+  params = unstack_layers(params)  # once, outside the loop: the loop body reads per-layer arrays
   logits, cache = _prefill(model, mesh, cache_len, params, tokens, lengths)
   batch = tokens.shape[0]
   first = sample(jax.random.fold_in(key, 0), logits, sampler, sampling)
@@ -277,6 +294,7 @@ def stream_tokens(model, params, prompts: Sequence[Sequence[int]], max_new_token
   key = jax.random.key(seed)
   static, dynamic = sampler.static, sampler.dynamic()
   placement = _placement(mesh, rules)
+  params = decode_params(params)
   token, _, cache = prefill(model, placement, static, batch.cache_len, params, batch.tokens,
                             batch.lengths, key, dynamic)
   position = batch.lengths

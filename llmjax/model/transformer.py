@@ -3,6 +3,14 @@
 Layers are always stored stacked along a leading 'layers' axis and run with `nn.scan`; with
 `scan_layers=False` the same loop is fully unrolled, so both modes share one parameter layout
 (checkpoints and converters never need to know which one trained).
+
+Cached decoding (`decode=True`) is the exception: it runs one `Block` per layer ("layer_0",
+"layer_1", ...) over per-layer weights and caches that `unstack_layers` splits off the stacked
+params once per generation. A scan (or its unrolled form) slices every stacked weight per layer on
+every step, and XLA on CPU materializes each slice as a copy before the matmul, so one decoded
+token would read all weights twice and write them once; the stacked cache would also go in as scan
+inputs and come out as fresh scan outputs. Separate per-layer buffers are read in place by the
+matmuls, and each layer's cache is updated in place (the decode step donates it).
 """
 from __future__ import annotations
 
@@ -66,20 +74,11 @@ class Transformer(nn.Module):
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
 
-    block = Block
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if cfg.remat_policy != "none":
-      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
-    layers = nn.scan(
-        block,
-        variable_axes={"params": 0, "cache": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        unroll=1 if cfg.scan_layers else cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x, _ = layers(cfg, deterministic, decode, name="layers")(x, positions, segment_ids)
+    if decode:
+      for i in range(cfg.num_layers):
+        x, _ = Block(cfg, deterministic, decode, name=f"layer_{i}")(x, positions, segment_ids)
+    else:
+      x = self._scanned_layers(x, positions, segment_ids, deterministic)
     x = Norm(cfg, name="final_norm")(x)
     if return_hidden:
       return x
@@ -90,3 +89,36 @@ class Transformer(nn.Module):
       logits = DenseGeneral(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.dtype(cfg.logits_dtype))
+
+  @nn.nowrap  # runs inside __call__'s compact scope
+  def _scanned_layers(self, x, positions, segment_ids, deterministic):
+    cfg = self.cfg
+    block = Block
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+    layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        unroll=1 if cfg.scan_layers else cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = layers(cfg, deterministic, False, name="layers")(x, positions, segment_ids)
+    return x
+
+
+def unstack_layers(params):
+  """The params in the per-layer layout decoding uses: the stacked "layers" subtree becomes
+  "layer_0" .. "layer_{n-1}" (one copy of the layer weights); params already in that layout, or
+  with no layers, come back as they are. Works on quantized (QArray) weights too."""
+  if "layers" not in params:
+    return params
+  params = dict(params)
+  stacked = params.pop("layers")
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(count):
+    params[f"layer_{i}"] = jax.tree.map(lambda w, i=i: w[i], stacked)
+  return params
