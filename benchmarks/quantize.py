@@ -57,6 +57,7 @@ def decode_step_memory(model, params, batch: int = 1) -> dict:
   cache = gen.init_cache(model, batch, model.cfg.max_seq_len)
   tokens = jnp.zeros((batch,), jnp.int32)
   sampler = gen.Sampler(temperature=0.0)
+  params = gen.decode_params(params)  # the per-layer layout decode_step reads
   compiled = gen.decode_step.lower(model, None, sampler.static, params, cache, tokens, tokens,
                                    jax.random.key(0), jnp.int32(1), sampler.dynamic()).compile()
   mem = compiled.memory_analysis()

@@ -84,13 +84,13 @@ def cache_shardings(cache_shapes, mesh, rules=None):
 
 def cache_shapes(model, batch_size: int, length: int):
   """ShapeDtypeStructs of the KV cache: per layer ("layer_0", ...) keys and values
-  [batch, length, kv_heads, head_dim]."""
+  [batch, kv_heads, length, head_dim] (CACHE_AXES)."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
 
   def resize(s):
     shape = list(s.shape)
-    shape[1] = length
+    shape[CACHE_AXES.index("length")] = length
     return jax.ShapeDtypeStruct(tuple(shape), s.dtype)
   return jax.tree.map(resize, shapes)
 

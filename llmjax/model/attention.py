@@ -13,8 +13,10 @@ from llmjax.model.config import TransformerConfig
 from llmjax.model.layers import DenseGeneral, apply_rotary, constrain
 
 
-# Logical axes of one layer's KV cache; the stacked cache adds a leading 'layers' axis, like params.
-CACHE_AXES = ("batch", "length", "kv_heads", "kv")
+# Logical axes of one layer's KV cache. Heads come before length so that the score and value
+# matmuls read the cache as it lies ([batch, heads] batch dims, then length x head_dim); with
+# length first, XLA transposes (copies) the whole cache of every layer on every decode step.
+CACHE_AXES = ("batch", "kv_heads", "length", "kv")
 
 
 def attention_implementation(cfg: TransformerConfig) -> str | None:
@@ -70,14 +72,15 @@ class Attention(nn.Module):
     """Writes this call's keys/values into the per-layer cache and attends over it.
 
     The cache holds kv_heads (not heads) per slot, so grouped-query and multi-query models store
-    each shared head once; `jax.nn.dot_product_attention` broadcasts them over the query groups.
+    each shared head once and serves its group of query heads from there.
     Its length is whatever the caller allocated (see llmjax.generate.init_cache): any length that
     covers the positions in use gives the same result, so a short generation reads a short cache.
     """
     cfg = self.cfg
     if not cfg.causal:
       raise ValueError("KV-cached decoding needs a causal model (model.causal=True).")
-    shape = (q.shape[0], cfg.max_seq_len, cfg.kv_heads, cfg.dim_per_head)
+    batch, q_len = q.shape[:2]
+    shape = (batch, cfg.kv_heads, cfg.max_seq_len, cfg.dim_per_head)
     cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     if self.is_initializing():
@@ -85,14 +88,22 @@ class Attention(nn.Module):
       return jnp.zeros_like(q)
     # Each example writes at its own absolute start position (prompts of different lengths).
     start = positions[:, 0]
-    write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice(cache, new, (s, 0, 0)))
-    keys = constrain(write(cached_k.value, k.astype(cached_k.value.dtype), start), CACHE_AXES)
-    values = constrain(write(cached_v.value, v.astype(cached_v.value.dtype), start), CACHE_AXES)
+    write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice(cache, new, (0, s, 0)))
+    k = k.astype(cached_k.value.dtype).transpose(0, 2, 1, 3)   # [batch, kv_heads, q_len, kv]
+    v = v.astype(cached_v.value.dtype).transpose(0, 2, 1, 3)
+    keys = constrain(write(cached_k.value, k, start), CACHE_AXES)
+    values = constrain(write(cached_v.value, v, start), CACHE_AXES)
     cached_k.value, cached_v.value = keys, values
     # A query at absolute position p sees the slots 0..p: its own prompt and what it generated.
     # Slots past p may hold stale or padding entries; they are masked out.
-    slots = jnp.arange(keys.shape[1])
+    slots = jnp.arange(keys.shape[2])
     mask = slots[None, None, :] <= positions[:, :, None]          # [batch, q_len, cache_len]
-    return jax.nn.dot_product_attention(
-        q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[:, None, :, :],
-        implementation="xla")
+    # Grouped-query attention: each of the kv_heads serves `groups` query heads.
+    groups = cfg.num_heads // cfg.kv_heads
+    q = q.reshape(batch, q_len, cfg.kv_heads, groups, cfg.dim_per_head)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * cfg.dim_per_head ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(q.dtype))
+    return out.reshape(batch, q_len, cfg.num_heads, cfg.dim_per_head)
