@@ -5,10 +5,13 @@ kernels, the token embedding, an untied output head) by a `QArray`: int8 values 
 scales, symmetric (scale = max|w| / 127 over the input dimensions). Norm scales, biases and the
 learned position table stay in their float dtype: they are tiny and numerically sensitive.
 
-A QArray is a pytree, so it goes through `jit`, `nn.scan` and device placement like any array:
-the scan over layers slices the int8 values and the scales of one layer at a time, and the model's
-own `kernel.astype(compute_dtype)` turns that one layer back into floats just before its matmul.
-So the weights really stay int8 in memory and only one layer's float copy exists at a time.
+A QArray is a pytree, so it goes through `jit`, `nn.scan`, the per-layer split that decoding does
+(llmjax.model.unstack_layers) and device placement like any array; the model's own
+`kernel.astype(compute_dtype)` turns a layer's weights back into floats just before its matmul, so
+the stored weights stay int8. Caveat: in the unrolled decode step XLA:CPU's default scheduler
+dequantizes all layers up front (float temporaries the size of the fp32 weights; see
+benchmarks/RESULTS.md); `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` makes it
+dequantize one layer at a time.
 The model code needs no change: `astype`, `shape`, `dtype` and `__jax_array__` are all it uses.
 """
 from __future__ import annotations
