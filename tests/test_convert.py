@@ -77,6 +77,7 @@ def hf(tmp_path_factory):
   tokenizer = _tokenizer()
   out = {}
   for seed, (name, (cls, config)) in enumerate(_hf_configs().items()):
+    torch.manual_seed(1000 + seed)  # the constructor's own init draws from torch's global RNG
     model = _perturb(cls(config), seed)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path, safe_serialization=True)
