@@ -42,6 +42,7 @@ def test_nanogpt_reference_matches_llmjax_model_size():
   import nanogpt_reference as ref
   from llmjax.model import TransformerConfig, num_params
 
+  torch.manual_seed(0)
   model = ref.GPT(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
   ours = TransformerConfig(vocab_size=65, num_layers=4, num_heads=4, embed_dim=128, max_seq_len=64,
                            use_bias=False, tie_embeddings=True)
