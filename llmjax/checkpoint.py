@@ -265,12 +265,6 @@ def _leaves_by_path(tree) -> dict:
   return {"/".join(name(e) for e in path): leaf for path, leaf in flat}
 
 
-def abstract_with_shardings(abstract, shardings):
-  """ShapeDtypeStructs that tell Orbax where each restored array must live."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def model_mismatches(saved_model: dict, model: dict) -> list[str]:
   """'field (checkpoint X, config Y)' for every model field that changes the parameters or their
   meaning; RUNTIME_MODEL_FIELDS may differ."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 from typing import Iterator, Sequence
 
 import flax.linen as nn

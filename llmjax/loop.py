@@ -10,7 +10,6 @@ import os
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -19,11 +18,11 @@ from llmjax import config as cfglib
 from llmjax import evaluate as evallib
 from llmjax import metrics as mlib
 from llmjax import preemption
+from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.data import load_dataset, load_tokenizer
-from llmjax.model import Transformer, num_params
-from llmjax.optim import make_optimizer
+from llmjax.model import num_params
 from llmjax.runs import CONFIG_FILE
 
 SAMPLE_FILE = "sample.txt"
@@ -74,30 +73,12 @@ class Run:
       _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
 
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
-    self.model = Transformer(self.model_config)
-    self.mesh = shd.make_mesh(config)
-    self.rules = shd.logical_rules(config)
-    self.optimizer, self.schedule = make_optimizer(config.optim, config.train.steps)
-
-    micro_batch = config.data.batch_size // t.grad_accum_steps
-    self._init_fn, boxed = trainlib.abstract_state(
-        self.model, self.optimizer, (micro_batch, config.data.seq_len))
-    self.state_shardings = trainlib.state_shardings(boxed, self.mesh, self.rules)
-    self.abstract_state = ckpt.abstract_with_shardings(nn.meta.unbox(boxed), self.state_shardings)
-    replicated = shd.replicated(self.mesh)
-    batch_sharding = shd.batch_sharding(self.mesh)
-    train_step = trainlib.make_train_step(
-        self.model, self.optimizer, self.schedule, seed=t.seed,
-        grad_accum_steps=t.grad_accum_steps, objective=t.objective, mlm_probability=t.mlm_probability,
-        z_loss=t.z_loss, nonfinite_policy=t.nonfinite_policy,
-        nonfinite_halt_after=t.nonfinite_halt_after,
-        inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads))
-    self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, batch_sharding),
-                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    eval_step = trainlib.make_eval_step(self.model, objective=t.objective,
-                                        mlm_probability=t.mlm_probability, seed=t.seed)
-    self.eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings.params, batch_sharding, None),
-                             out_shardings=(replicated, replicated))
+    self.program = programlib.build(config, shd.make_mesh(config), self.model_config)
+    prog = self.program
+    self.model, self.mesh, self.rules = prog.model, prog.mesh, prog.rules
+    self.optimizer, self.schedule = prog.optimizer, prog.schedule
+    self.state_shardings, self.abstract_state = prog.state_shardings, prog.abstract_state
+    self.train_step, self.eval_step = prog.train_step, prog.eval_step
     self.bytes_per_token = evallib.bytes_per_token(self.tokenizer, self.dataset.val)
     self._all_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
@@ -139,16 +120,10 @@ class Run:
       source, source_step = self.init_source
       # outside the mesh/rules context: load_run builds its own abstract state
       loaded = runs.load_run(source, source_step, mesh=self.mesh)
-      params = jax.device_put(loaded.params, self.state_shardings.params)
-      with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        fresh = jax.jit(lambda p: trainlib.TrainState.create(0, p, self.optimizer.init(p)),
-                        out_shardings=self.state_shardings)
-        state = fresh(params)
+      state = self.program.state_from_params(loaded.params)
       log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
       return state
-    with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      init = jax.jit(lambda r: nn.meta.unbox(self._init_fn(r)), out_shardings=self.state_shardings)
-      return init(jax.random.key(self.config.train.seed))
+    return self.program.init(jax.random.key(self.config.train.seed))
 
   def checkpoint_meta(self, step: int) -> dict:
     meta = {"step": int(step), "data_step": int(step), "model": self.model_config.to_dict(),
@@ -175,7 +150,7 @@ class Run:
 
   # -- evaluation --------------------------------------------------------------------------------
   def evaluate(self, params, num_batches: int | None = None) -> dict:
-    with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with self.program.scope():
       return evallib.evaluate_params(
           self.eval_step, params, lambda i: self.batch("val", i),
           num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token)
@@ -301,8 +276,7 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
   delay = float(os.environ.get("LLMJAX_TEST_STEP_DELAY_S", "0") or 0)
   last_log_time, last_log_step = time.perf_counter(), start
   multi_host = jax.process_count() > 1
-  with preemption.StopRequest() as stop, shd.use_mesh(run.mesh), \
-      nn.logical_axis_rules(run.rules):
+  with preemption.StopRequest() as stop, run.program.scope():
     for step in range(start, t.steps):
       state, pending = run.train_step(state, run.batch("train", step))
       done = step + 1

@@ -81,59 +81,22 @@ def default_vocab_size(config) -> int:
 
 
 def build(config, mesh, vocab_size: int):
-  """Model, abstract sharded state and the jitted train step for `config` on `mesh`.
-
-  Returns a dict with model, optimizer, rules, init (rng -> sharded state), state_shardings,
-  abstract_state (ShapeDtypeStructs with shardings), batch_sharding and train_step (jitted)."""
-  import flax.linen as nn
-  import jax
-  from llmjax import config as cfglib, sharding as shd, train as trainlib
-  from llmjax.model import Transformer
-  from llmjax.optim import make_optimizer
-
-  t = config.train
-  model = Transformer(cfglib.model_config(config, vocab_size))
-  optimizer, schedule = make_optimizer(config.optim, t.steps)
-  rules = shd.logical_rules(config)
-  micro = config.data.batch_size // t.grad_accum_steps
-  init_fn, boxed = trainlib.abstract_state(model, optimizer, (micro, config.data.seq_len))
-  shardings = trainlib.state_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
-  batch_sharding = shd.batch_sharding(mesh)
-  step = trainlib.make_train_step(model, optimizer, schedule, seed=t.seed,
-                                  grad_accum_steps=t.grad_accum_steps, objective=t.objective,
-                                  mlm_probability=t.mlm_probability)
-  train_step = jax.jit(step, in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
-
-  def init(rng):
-    with shd.use_mesh(mesh), nn.logical_axis_rules(rules):
-      return jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
-
-  return dict(model=model, optimizer=optimizer, rules=rules, init=init, state_shardings=shardings,
-              abstract_state=abstract, batch_sharding=batch_sharding, train_step=train_step)
-
-
-def abstract_batch(config, batch_sharding):
-  import jax
-  import jax.numpy as jnp
-  shape = (config.data.batch_size, config.data.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-          for k in ("inputs", "targets")}
+  """The training program for `config` on `mesh`: the very step `llmjax.loop` trains with."""
+  from llmjax import config as cfglib
+  from llmjax import program
+  return program.build(config, mesh, cfglib.model_config(config, vocab_size))
 
 
 def memory_report(config, mesh, vocab_size: int) -> dict:
   """Compiles the train step on `mesh` (no FLOPs run) and returns per-device byte counts."""
-  import flax.linen as nn
   from llmjax import sharding as shd
 
-  built = build(config, mesh, vocab_size)
-  batch = abstract_batch(config, built["batch_sharding"])
-  with shd.use_mesh(mesh), nn.logical_axis_rules(built["rules"]):
-    compiled = built["train_step"].lower(built["abstract_state"], batch).compile()
+  program = build(config, mesh, vocab_size)
+  batch = program.abstract_batch()
+  with program.scope():
+    compiled = program.train_step.lower(program.abstract_state, batch).compile()
   stats = compiled.memory_analysis()
-  state = built["abstract_state"]
+  state = program.abstract_state
   report = {
       "devices": mesh.size,
       "mesh": dict(mesh.shape),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
+from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.data import load_tokenizer
@@ -42,14 +42,6 @@ def read_config(workdir: str | Path):
   return cfglib.from_json(path.read_text())
 
 
-def _abstract_train_state(config, model_config: TransformerConfig, mesh, rules):
-  model = Transformer(model_config)
-  optimizer, _ = make_optimizer(config.optim, config.train.steps)
-  _, boxed = trainlib.abstract_state(model, optimizer, (1, config.data.seq_len))
-  shardings = trainlib.state_shardings(boxed, mesh, rules)
-  return model, ckpt.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-
-
 def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedRun:
   """The parameters of checkpoint `step` (default: the latest complete one), placed on `mesh`
   (default: the run's mesh config over this host's devices, or one device if it does not fit)."""
@@ -68,12 +60,11 @@ def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedR
     model_config = TransformerConfig.from_mapping(meta["model"])
     if mesh is None:
       mesh = _default_mesh(config)
-    rules = shd.logical_rules(config)
-    model, abstract = _abstract_train_state(config, model_config, mesh, rules)
-    state, _ = checkpointer.restore(abstract, step)
+    program = programlib.build(config, mesh, model_config)
+    state, _ = checkpointer.restore(program.abstract_state, step)
   finally:
     checkpointer.close()
-  return LoadedRun(config=config, model_config=model_config, model=model, params=state.params,
+  return LoadedRun(config=config, model_config=model_config, model=program.model, params=state.params,
                    tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh)
 
 

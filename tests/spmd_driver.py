@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -55,23 +54,22 @@ def train(config, devices, state=None, sharded_init=False):
   mesh = shd.make_mesh(config, devices)
   built = planlib.build(config, mesh, VOCAB)
   if state is None or sharded_init:
-    state = built["init"](jax.random.key(config.train.seed))
+    state = built.init(jax.random.key(config.train.seed))
   else:  # the same initial values, placed onto this mesh's shardings
-    state = jax.device_put(state, built["state_shardings"])
+    state = jax.device_put(state, built.state_shardings)
   init_params = jax.tree.map(np.asarray, state.params)
   initial = jax.device_get(state)  # a host copy: the compiled step donates `state`
-  with shd.use_mesh(mesh), nn.logical_axis_rules(built["rules"]):
-    compiled = built["train_step"].lower(
-        built["abstract_state"], planlib.abstract_batch(config, built["batch_sharding"])).compile()
+  with built.scope():
+    compiled = built.train_step.lower(built.abstract_state, built.abstract_batch()).compile()
     losses = []
     for batch in batches(config):
-      state, metrics = compiled(state, jax.device_put(batch, built["batch_sharding"]))
+      state, metrics = compiled(state, jax.device_put(batch, built.batch_sharding))
       losses.append(float(metrics["loss"]))
   stats = compiled.memory_analysis()
   memory = {"argument": stats.argument_size_in_bytes, "temp": stats.temp_size_in_bytes,
-            "state": shd.bytes_per_device(built["abstract_state"].params)
-            + shd.bytes_per_device(built["abstract_state"].opt_state),
-            "batch": shd.bytes_per_device(planlib.abstract_batch(config, built["batch_sharding"]))}
+            "state": shd.bytes_per_device(built.abstract_state.params)
+            + shd.bytes_per_device(built.abstract_state.opt_state),
+            "batch": shd.bytes_per_device(built.abstract_batch())}
   hlo = compiled.as_text()
   return losses, jax.tree.map(np.asarray, state.params), init_params, memory, hlo, initial
 

@@ -2,7 +2,6 @@
 device option, and (slow) validation loss <= 1.89 after 2000 steps on tiny Shakespeare."""
 import json
 
-import ml_collections
 import pytest
 
 from conftest import ROOT, run_cli

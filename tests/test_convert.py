@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from llmjax import convert
 from llmjax.convert import files
 from llmjax.generate import generate

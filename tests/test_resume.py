@@ -4,7 +4,6 @@ Each test trains the tiny model of _ckpt_util in subprocesses; `LLMJAX_TEST_STEP
 steps down so that kills and signals land in the middle of a run (and of its async saves).
 """
 import random
-import shutil
 import signal
 import time
 

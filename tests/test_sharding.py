@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -129,10 +128,8 @@ def test_activation_constraints_reach_the_compiled_program():
   config.mesh.update(data=1)
   mesh = shd.make_mesh(config, jax.devices()[:1])
   built = planlib.build(config, mesh, spmd_driver.VOCAB)
-  import flax.linen as nn
-  with shd.use_mesh(mesh), nn.logical_axis_rules(built["rules"]):
-    text = built["train_step"].lower(
-        built["abstract_state"], planlib.abstract_batch(config, built["batch_sharding"])).as_text()
+  with built.scope():
+    text = built.train_step.lower(built.abstract_state, built.abstract_batch()).as_text()
   assert text.count("sharding_constraint") + text.count("@Sharding") >= 4
 
 

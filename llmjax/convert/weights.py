@@ -178,7 +178,7 @@ def _llama_import(r: _Reader, cfg: TransformerConfig) -> dict:
 
 
 def _llama_export(params: dict, cfg: TransformerConfig) -> dict:
-  d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.hidden_dim
+  d, h, kv, hd = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
   out = {"model.embed_tokens.weight": params["token_embedding"],
          "model.norm.weight": params["final_norm"]["scale"]}
   for i in range(cfg.num_layers):
