@@ -6,13 +6,12 @@ scales, symmetric (scale = max|w| / 127 over the input dimensions). Norm scales,
 learned position table stay in their float dtype: they are tiny and numerically sensitive.
 
 A QArray is a pytree, so it goes through `jit`, `nn.scan`, the per-layer split that decoding does
-(llmjax.model.unstack_layers) and device placement like any array; the model's own
-`kernel.astype(compute_dtype)` turns a layer's weights back into floats just before its matmul, so
-the stored weights stay int8. Caveat: in the unrolled decode step XLA:CPU's default scheduler
-dequantizes all layers up front (float temporaries the size of the fp32 weights; see
-benchmarks/RESULTS.md); `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` makes it
-dequantize one layer at a time.
-The model code needs no change: `astype`, `shape`, `dtype` and `__jax_array__` are all it uses.
+(llmjax.model.unstack_layers) and device placement like any array. The model turns a layer's
+weights back into floats just before its matmul (`llmjax.model.layers.dense_weight`, which calls
+`dequantize_after` so the float copy cannot be scheduled earlier), and looks up embedding rows with
+`take_rows`, so the stored weights stay int8 and only one layer is ever float at a time. The model
+knows nothing of this module: `astype`, `shape`, `dtype`, `dequantize_after`, `take_rows` and
+`__jax_array__` are all it uses.
 """
 from __future__ import annotations
 
@@ -63,7 +62,22 @@ class QArray:
   def dequantize(self):
     return self.astype(self.scale.dtype)
 
-  def __jax_array__(self):  # jnp.take(embedding, ...) and friends see the dequantized table
+  def dequantize_after(self, x, dtype):
+    """The float weights, computed only once the activation `x` they multiply exists.
+
+    Without the dependency, XLA:CPU's default scheduler dequantizes every layer up front in an
+    unrolled decode step: float temporaries the size of the fp32 model and a 10-20x slower step
+    (benchmarks/RESULTS.md). `0 * x[0]` is not folded away for floats (it is NaN for NaN x), so
+    the order survives compilation; the cost is one scalar."""
+    zero = jnp.zeros((), dtype) * x.reshape(-1)[0].astype(dtype)
+    return self.values.astype(dtype) * (self.scale.astype(dtype) + zero)
+
+  def take_rows(self, indices):
+    """Rows of a row-scaled matrix (the token embedding) without dequantizing the whole table."""
+    rows = jnp.take(self.values, indices, axis=0).astype(self.scale.dtype)
+    return rows * jnp.take(self.scale, indices, axis=0)
+
+  def __jax_array__(self):  # any other array use sees the dequantized weights
     return self.dequantize()
 
 

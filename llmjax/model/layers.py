@@ -28,6 +28,22 @@ def ones_init(names: Sequence[str | None]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
 
 
+def dense_weight(w, dtype, x):
+  """Weight `w` as a `dtype` array for multiplying activation `x`. A compressed weight (e.g. an
+  int8 QArray from llmjax.quantize) expands here, tied to `x` so that the compiler cannot expand
+  every layer's weights at once ahead of time."""
+  if hasattr(w, "dequantize_after"):
+    return w.dequantize_after(x, dtype)
+  return w.astype(dtype)
+
+
+def embedding_rows(table, ids):
+  """Rows `ids` of an embedding table (a compressed table gives just those rows)."""
+  if hasattr(table, "take_rows"):
+    return table.take_rows(ids)
+  return jnp.take(table, ids, axis=0)
+
+
 def constrain(x, names: Sequence[str | None]):
   """Activation sharding hint; a no-op unless logical axis rules are active."""
   return nn.with_logical_constraint(x, tuple(names))
@@ -49,7 +65,7 @@ class DenseGeneral(nn.Module):
     kernel = self.param("kernel", logical_init(cfg, self.kernel_axes, self.std),
                         tuple(in_shape) + tuple(self.out_shape), cfg.weight_dtype)
     x = x.astype(cfg.compute_dtype)
-    kernel = kernel.astype(cfg.compute_dtype)
+    kernel = dense_weight(kernel, cfg.compute_dtype, x)
     # One plain 2-D matmul [tokens, in] @ [in, out]: XLA:CPU runs it and the two matmuls of its
     # gradient much faster than a dot_general contracting over several axes (1.4x per step on
     # the 6-layer 384-wide CPU benchmark; benchmarks/RESULTS.md). The reshapes are free.

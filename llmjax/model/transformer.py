@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from llmjax.model.attention import Attention
 from llmjax.model.config import TransformerConfig
-from llmjax.model.layers import DenseGeneral, Mlp, Norm, constrain, logical_init
+from llmjax.model.layers import (DenseGeneral, Mlp, Norm, constrain, dense_weight, embedding_rows,
+                                 logical_init)
 
 # Which intermediate values a rematerialized block keeps for the backward pass.
 REMAT_POLICIES = {
@@ -66,7 +67,7 @@ class Transformer(nn.Module):
 
     embedding = self.param("token_embedding", logical_init(cfg, ("vocab", "embed")),
                            (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+    x = embedding_rows(embedding, tokens).astype(cfg.compute_dtype)
     if cfg.position == "learned":
       pos_table = self.param("position_embedding", logical_init(cfg, ("length", "embed")),
                              (cfg.max_seq_len, cfg.embed_dim), cfg.weight_dtype)
@@ -84,7 +85,7 @@ class Transformer(nn.Module):
       return x
 
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
+      logits = jnp.einsum("btd,vd->btv", x, dense_weight(embedding, cfg.compute_dtype, x))
     else:
       logits = DenseGeneral(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
     logits = constrain(logits, ("batch", "length", "vocab"))
