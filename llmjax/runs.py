@@ -64,8 +64,8 @@ def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedR
     state, _ = checkpointer.restore(program.abstract_state, step)
   finally:
     checkpointer.close()
-  return LoadedRun(config=config, model_config=model_config, model=program.model, params=state.params,
-                   tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh)
+  return LoadedRun(config=config, model_config=model_config, model=program.model,
+                   params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh)
 
 
 def _default_mesh(config):
