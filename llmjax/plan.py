@@ -8,8 +8,9 @@ ahead of time, without running it, and prints per-device bytes for parameters, o
 the batch, and the compiler's temporaries (activations kept for the backward pass, gradients,
 collective buffers), next to the target's memory per chip.
 
-How: on a TPU topology, when libtpu is installed, JAX's topology API compiles for the real chips
-from a CPU host (`--backend=tpu`). Otherwise (`--backend=cpu`, the default where libtpu is absent)
+How: on a TPU topology, when libtpu is installed (`pip install "jax[tpu]"`, also on a machine
+without TPUs), JAX's topology API compiles with the TPU compiler for chips that need not be there
+(`--backend=tpu`). Otherwise (`--backend=cpu`, the default where libtpu is absent)
 the step is compiled for a fake CPU mesh with the same number of devices and the same mesh shape.
 Parameter, optimizer and batch figures are exact either way (they follow from shapes and
 shardings); the temporaries from the CPU compiler are an estimate of the TPU/GPU figure (different
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -114,12 +116,38 @@ def memory_report(config, mesh, vocab_size: int) -> dict:
   return report
 
 
+def tpu_chip_grid(kind: str, chips: int) -> tuple[int, ...]:
+  """The physical chip grid of a TPU slice, as libtpu names it ('v5e:4x4', 'v5p:2x4x4').
+
+  v5e/v6e slices are 2-D (v5e-16 = 4x4, v5e-32 = 4x8); v4/v5p slices are 3-D tori grown from one
+  host's 2x2x1 (v5p-16 = 8 chips = 2x2x2, v5p-128 = 64 chips = 4x4x4). Growing a slice doubles its
+  shortest side, the last one on ties, which reproduces Cloud TPU's published shapes."""
+  if chips < 1 or chips & (chips - 1):
+    raise PlanError(f"a TPU slice of {chips} chips is not a power of two (Cloud TPU slices are); "
+                    "use e.g. v5e-16 or v5p-64")
+  grid = [1, 1] if kind in ("v5e", "v5litepod", "v6e") else [2, 2, 1]
+  if chips < math.prod(grid):
+    return tuple([chips] + [1] * (len(grid) - 1))
+  while math.prod(grid) < chips:
+    shortest = min(grid)
+    grid[max(i for i, g in enumerate(grid) if g == shortest)] *= 2
+  return tuple(grid)
+
+
 def _tpu_devices(topology: Topology):
-  """Devices of a TPU topology for ahead-of-time compilation (needs libtpu; not real chips)."""
+  """Compile-only devices of a TPU topology (libtpu on a CPU host; no chips needed).
+
+  Wrap-around links (twisted tori of full pods) change collective speed, not memory, so they are
+  left out."""
   from jax.experimental import topologies
-  name = topology.name.split("x", 1)[-1] if topology.num_slices > 1 else topology.name
-  desc = topologies.get_topology_desc(platform="tpu", topology_name=name,
-                                      num_slices=topology.num_slices)
+  kind = "v5e" if topology.kind == "v5litepod" else topology.kind
+  megacore = kind in ("v4", "v5p")  # two TensorCores per chip act as one JAX device
+  grid = tpu_chip_grid(kind, topology.devices_per_slice)  # one JAX device per chip
+  desc = topologies.get_topology_desc(
+      platform="tpu", topology_name=f"{kind}:{'x'.join(map(str, grid))}",
+      chip_config_name="megacore" if megacore else "default",
+      chips_per_host_bounds=(2, 2, 1), num_slices=topology.num_slices,
+      wrap=(False,) * 3)
   return desc.devices
 
 

@@ -6,6 +6,7 @@ Golden PartitionSpecs live in tests/golden/; regenerate them after an intended c
     LLMJAX_REGEN_GOLDEN=1 python -m pytest -q tests/test_sharding.py -k golden
 and review the diff.
 """
+import importlib.util
 import json
 import os
 import sys
@@ -297,6 +298,38 @@ def test_plan_cli_compiles_for_a_two_slice_target(tmp_path):
   assert report["params_bytes"] <= report["num_params"] * 4 / 4 * 1.05
   assert report["optimizer_bytes"] >= 2 * report["params_bytes"] * 0.95  # AdamW: mu and nu
   assert report["temp_bytes"] > 0 and report["peak_bytes"] >= report["argument_bytes"]
+
+
+def test_tpu_chip_grids_follow_cloud_tpu_slice_shapes():
+  grid = planlib.tpu_chip_grid
+  assert [grid("v5e", n) for n in (1, 4, 8, 16, 32, 64, 256)] == [
+      (1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (16, 16)]
+  # v5p-8 .. v5p-1024 hold 4 .. 512 chips
+  assert [grid("v5p", n) for n in (4, 8, 16, 32, 64, 128, 256, 512)] == [
+      (2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8), (8, 8, 8)]
+  with pytest.raises(planlib.PlanError, match="not a power of two"):
+    grid("v5e", 24)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install 'jax[tpu]'); compiles for TPUs from a CPU host")
+def test_plan_compiles_for_real_tpu_topologies_with_libtpu(tmp_path):
+  """JAX's topology API with libtpu compiles for TPU chips that are not there (one slice of v5p,
+  two of v5e): the TPU compiler's own memory figures."""
+  for topology, mesh, devices, fsdp in (
+      ("v5p-16", ["--config.mesh.fsdp=-1"], 8, 8),
+      ("2xv5e-8", ["--config.mesh.fsdp=-1", "--config.mesh.dcn.data=2",
+                   "--config.data.batch_size=16"], 16, 8)):
+    out = tmp_path / f"{topology}.json"
+    proc = run_cli(["-m", "llmjax.plan", "--config=experiments/gpt_small.py:tiny",
+                    f"--topology={topology}", "--backend=tpu", "--config.mesh.data=1", *mesh,
+                    f"--json={out}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backend"] == "tpu" and report["devices"] == devices
+    assert "(tpu compile)" in proc.stdout and "-> fits" in proc.stdout
+    assert report["params_bytes"] <= report["num_params"] * 4 / fsdp * 1.05
+    assert report["temp_bytes"] > 0
 
 
 def test_plan_cli_bad_topology_is_one_line():
