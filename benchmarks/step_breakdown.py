@@ -65,7 +65,6 @@ def main():
   from llmjax.cpu_devices import configure_cpu_devices
   cfglib.validate(config)
   configure_cpu_devices(config)
-  import flax.linen as nn
   import jax
   from llmjax import loop, train as trainlib
 
@@ -75,7 +74,7 @@ def main():
     loss_fn = trainlib.make_loss_fn(run.model)
     batch = run.batch("train", 0)
     rng = jax.random.key(0)
-    with run.mesh, nn.logical_axis_rules(run.rules):
+    with run.program.scope():  # the mesh + rules the loop traces under (jax.set_mesh)
       fwd = jax.jit(lambda p, b: loss_fn(p, b, rng, True)[0])
       grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, rng, True)[0]))
       params = jax.tree.map(lambda x: x.copy(), state.params)  # the step donates state

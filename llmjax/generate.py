@@ -23,6 +23,7 @@ Command line (streams text; see README "Generate"):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -122,14 +123,13 @@ def decode_params(params):
 
 def _apply(model, mesh, params, cache, tokens, positions):
   params = unstack_layers(params)  # a no-op for params from decode_params
-  with nn.logical_axis_rules(() if mesh is None else mesh[1]):
-    if mesh is not None:
-      with mesh[0]:
-        logits, updates = model.apply({"params": params, "cache": cache}, tokens,
-                                      positions=positions, decode=True, mutable=["cache"])
-    else:
-      logits, updates = model.apply({"params": params, "cache": cache}, tokens,
-                                    positions=positions, decode=True, mutable=["cache"])
+  # Traced inside jit, where jax.set_mesh is not allowed: the abstract mesh is what flax's logical
+  # activation constraints look up (under the legacy `with mesh:` they silently did nothing).
+  scope = (contextlib.nullcontext() if mesh is None
+           else jax.sharding.use_abstract_mesh(mesh[0].abstract_mesh))
+  with nn.logical_axis_rules(() if mesh is None else mesh[1]), scope:
+    logits, updates = model.apply({"params": params, "cache": cache}, tokens,
+                                  positions=positions, decode=True, mutable=["cache"])
   return logits, updates["cache"]
 
 

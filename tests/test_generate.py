@@ -199,7 +199,13 @@ sharded = jax.device_put(params, shardings)
 out = gen.generate(model, sharded, prompts, 8, temperature=0.0, return_logits=True, mesh=mesh)
 streamed = np.stack(list(gen.stream_tokens(model, sharded, prompts, 8, temperature=0.0, mesh=mesh)), 1)
 cache = gen.init_cache(model, 4, 16, mesh=mesh)
+sampler = gen.Sampler(temperature=0.0)
+tokens = jnp.zeros((4,), jnp.int32)
+hlo = gen.decode_step.lower(model, gen._placement(mesh, None), sampler.static, gen.decode_params(sharded),
+                            cache, tokens, tokens, jax.random.key(0), jnp.int32(1),
+                            sampler.dynamic()).as_text()
 print(json.dumps(dict(devices=jax.device_count(), same=out.tokens == ref.tokens,
+    constraints=hlo.count("sharding_constraint") + hlo.count("@Sharding"),
     stream_same=streamed.tolist() == ref.tokens,
     max_diff=float(np.max(np.abs(out.logits - ref.logits))),
     cache_spec=str(jax.tree.leaves(cache)[0].sharding.spec),
@@ -213,6 +219,9 @@ def test_decoding_on_a_4_device_mesh_matches_one_device():
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["devices"] == 4 and result["same"] and result["stream_same"]
   assert result["max_diff"] < 1e-5
+  # The model's activation constraints reach the decode step (flax drops them silently unless
+  # the abstract mesh is set while tracing).
+  assert result["constraints"] >= 4, result["constraints"]
   assert "tensor" in result["kernel_spec"] and "fsdp" in result["kernel_spec"]
   # Cache: batch over (data, fsdp), kv heads over tensor, like the training activations.
   assert "tensor" in result["cache_spec"] and "fsdp" in result["cache_spec"]
