@@ -214,7 +214,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "data.sp_vocab_size must be at least 16 to train a sentencepiece tokenizer")
   _need(d.batch_size % t.grad_accum_steps == 0,
         f"data.batch_size={d.batch_size} is not divisible by train.grad_accum_steps="
-        f"{t.grad_accum_steps}; pick a batch size that is a multiple of it")
+        f"{t.grad_accum_steps}; pick a batch size that is a multiple of it, or set "
+        "--config.train.grad_accum_steps to a divisor of it (1: no accumulation)")
   _need(t.objective != "masked_lm" or not m.causal,
         "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
   _validate_checkpointing(t)

@@ -12,6 +12,7 @@ from llmjax import loop
 
 TINY = ["--config.model.num_layers=2", "--config.model.embed_dim=64", "--config.model.num_heads=4",
         "--config.data.seq_len=32", "--config.model.max_seq_len=32", "--config.data.batch_size=8",
+        "--config.train.grad_accum_steps=1",
         "--config.optim.warmup_steps=5", "--config.train.log_every=5", "--config.train.eval_every=20",
         "--config.train.eval_batches=2", "--config.train.checkpoint_every=20",
         "--config.train.sample_tokens=20", "--config.train.progress=False"]
