@@ -107,6 +107,7 @@ def test_unwritable_checkpoint_directory_is_a_clear_error(tmp_path):
   assert "not writable" in line or "cannot" in line
   w = tmp_path / "run"
   w.mkdir()
+  (w / ".llmjax-run").write_text("")  # an llmjax run (a stranger's directory is refused earlier)
   (w / "checkpoints").write_text("a file where the checkpoint directory should be")
   line = _one_line_error(u.train(w, "--config.train.steps=2", check=False))
   assert f"checkpoint directory {w / 'checkpoints'} is not writable" in line
@@ -235,7 +236,8 @@ def test_nan_gradients_halt_after_n_consecutive_steps(tmp_path):
               "--config.train.nonfinite_halt_after=2", "--config.train.inject_nan_grads=3,5,6",
               check=False)
   line = _one_line_error(r, status=1)
-  assert "step 6: 2 consecutive step(s) with non-finite loss or gradients" in line
+  assert "non-finite loss or gradients at steps 5..6" in line  # the first bad step of the streak
+  assert "latest checkpoint: step 5 (" in line
   assert "nonfinite_policy=skip" in line
   steps = u.complete_steps(w)
   assert max(steps) == 5  # nothing saved after the halt
