@@ -87,11 +87,37 @@ def _drop_orbax_tracebacks(record) -> bool:
   return not (record.exc_info and "orbax" in (record.pathname or ""))
 
 
+def _is_closed_loop_noise(exc_type, exc, tb) -> bool:
+  """TensorStore's I/O threads complete a failed write by calling `call_soon_threadsafe` on the
+  event loop Orbax already closed after the failure: each such callback raises this, and the C++
+  side prints it as a traceback (about 185 of them on a full disk). The failure itself is reported
+  once, as a CheckpointError."""
+  if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+    return False
+  import traceback
+  return any(f.filename.endswith(("asyncio/base_events.py", "asyncio\\base_events.py"))
+             for f in traceback.extract_tb(tb))
+
+
+def _install_closed_loop_filter() -> None:
+  import sys
+  previous = sys.excepthook
+  if getattr(previous, "_llmjax_filter", False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_loop_noise(exc_type, exc, tb):
+      previous(exc_type, exc, tb)
+  hook._llmjax_filter = True
+  sys.excepthook = hook
+
+
 def _quiet_orbax_errors() -> None:
   import logging
   logger = logging.getLogger("absl")
   if _drop_orbax_tracebacks not in logger.filters:
     logger.addFilter(_drop_orbax_tracebacks)
+  _install_closed_loop_filter()
 
 
 def _check_writable(directory: Path) -> None:
