@@ -33,7 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# LLMJAX_SHARED_DIR: where ../shared is (tests point it at a missing directory to behave as a
+# fresh clone does)
+SHARED = Path(os.environ.get("LLMJAX_SHARED_DIR") or ROOT.parent / "shared")
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
 # name -> (experiment file, overrides, steps per log interval). The compute-bound config is the
 # brief's "6 layers, 6 heads, 384 wide, block 256, batch 8" on the shakespeare_char recipe.
@@ -102,14 +105,17 @@ def worker(spec: dict) -> dict:
     finally:
       sys.stderr = stderr
     records = [r for r in mlib.read_metrics(workdir) if r.get("split") == "train"]
+    from llmjax.data import load_tokenizer
+    vocab = load_tokenizer(workdir).vocab_size  # 65 on tiny Shakespeare, more on other corpora
   from llmjax.model import num_params
   from llmjax.config import model_config
   intervals = [r["step_time_ms"] for r in records[1:]]  # the first interval includes compilation
-  cfg = model_config(config, 65)
+  cfg = model_config(config, vocab)
   return {"step_time_ms": intervals, "devices": jax.device_count(),
           "tokens_per_step": config.data.batch_size * config.data.seq_len,
           "flops_per_token": mlib.flops_per_token(cfg, config.data.seq_len),
-          "params": num_params(cfg), "final_loss": records[-1]["loss"] if records else None}
+          "params": num_params(cfg), "vocab_size": vocab,
+          "final_loss": records[-1]["loss"] if records else None}
 
 
 def _literal(value: str):

@@ -1,11 +1,15 @@
 """Orbax checkpoints of the whole run: train state, data-iterator position, resolved config, metadata.
 
-Each step is one Orbax composite checkpoint `checkpoints/<step>/` with four items:
+Each step is one Orbax composite checkpoint `checkpoints/<step>/` with five items:
   state   the TrainState (step, params, optimizer state, non-finite counters) as sharded arrays
   data    the data-iterator position: batches are a pure function of (seed, split, step), so the
           position is the step; it is stored explicitly so a reader never has to assume that
   config  the fully resolved run configuration
-  meta    what a reader needs without the config code: step, model config, tokenizer identity
+  meta    what a reader needs without the config code: step, model config, tokenizer identity,
+          corpus fingerprint
+  tokenizer  the tokenizer's files (base64), so a checkpoint is self-contained: a run whose
+          tokenizer.json was deleted gets it back from here (checkpoints written before this
+          item existed simply lack it)
 
 No RNG key is stored: dropout and masking randomness is `fold_in(key(train.seed), step)`, so the
 step *is* the RNG state and restoring the step restores the random stream bit for bit.
@@ -15,13 +19,19 @@ every item is complete, so a process killed at any moment (even mid async save) 
 directory that `latest_step()` takes for a checkpoint; the partial directory is deleted the next
 time a writer opens the directory (`cleanup_tmp_directories`). Old checkpoints are garbage-collected
 only after a new one finalized successfully, so a failing save never deletes earlier ones.
+
+Damage: a checkpoint that fails to read (truncated or deleted files) raises `DamagedCheckpoint`.
+Training then falls back to the newest checkpoint that restores and moves the damaged one aside
+to `checkpoints/<step>.damaged` (`quarantine`): a user's data is never deleted.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -30,8 +40,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("state", "data", "config", "meta")
+ITEMS = ("state", "data", "config", "meta", "tokenizer")
 _DELETING = ".llmjax-deleting"
+DAMAGED_SUFFIX = ".damaged"
 
 # Model fields that may change between a checkpoint and the run resuming it: they change how the
 # model is computed (precision, memory, kernels, init of *new* runs), not which parameters exist
@@ -44,6 +55,15 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be written or does not fit this run: reported as one line."""
 
 
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint whose files cannot be read (truncated, partly deleted, corrupt)."""
+
+  def __init__(self, step: int, directory: Path, reason: str):
+    super().__init__(f"checkpoint step {step} in {directory} is damaged ({reason}); restore its "
+                     f"files, or pass another --step (steps: see {directory})")
+    self.step, self.reason = step, reason
+
+
 def _one_line(error: BaseException, limit: int = 300) -> str:
   """The most specific message in an exception chain, on one line (Orbax/TensorStore errors
   wrap the OS error several levels deep)."""
@@ -54,6 +74,7 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
       best = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     e = e.__cause__ or e.__context__
   text = best or (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(" See full TensorStore details")[0]  # the rest is a pybind repr, not a reason
   code = re.search(r"os_error_code='?(\d+)", text)  # TensorStore reports errno this way
   if code and not best:
     text = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
@@ -66,11 +87,37 @@ def _drop_orbax_tracebacks(record) -> bool:
   return not (record.exc_info and "orbax" in (record.pathname or ""))
 
 
+def _is_closed_loop_noise(exc_type, exc, tb) -> bool:
+  """TensorStore's I/O threads complete a failed write by calling `call_soon_threadsafe` on the
+  event loop Orbax already closed after the failure: each such callback raises this, and the C++
+  side prints it as a traceback (about 185 of them on a full disk). The failure itself is reported
+  once, as a CheckpointError."""
+  if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+    return False
+  import traceback
+  return any(f.filename.endswith(("asyncio/base_events.py", "asyncio\\base_events.py"))
+             for f in traceback.extract_tb(tb))
+
+
+def _install_closed_loop_filter() -> None:
+  import sys
+  previous = sys.excepthook
+  if getattr(previous, "_llmjax_filter", False):
+    return
+
+  def hook(exc_type, exc, tb):
+    if not _is_closed_loop_noise(exc_type, exc, tb):
+      previous(exc_type, exc, tb)
+  hook._llmjax_filter = True
+  sys.excepthook = hook
+
+
 def _quiet_orbax_errors() -> None:
   import logging
   logger = logging.getLogger("absl")
   if _drop_orbax_tracebacks not in logger.filters:
     logger.addFilter(_drop_orbax_tracebacks)
+  _install_closed_loop_filter()
 
 
 def _check_writable(directory: Path) -> None:
@@ -108,7 +155,8 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,
         preservation_policy=ocm.preservation_policy.LatestN(n=None))
     handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
-                    config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+                    config=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler(),
+                    tokenizer=ocp.JsonCheckpointHandler())
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     except OSError as e:
@@ -137,10 +185,15 @@ class Checkpointer:
                            f"({_one_line(error)}); earlier checkpoints are intact (steps: {kept}); "
                            "free disk space or fix the directory, then rerun to resume")
 
-  def save(self, step: int, state, meta: dict, data: dict, config: dict) -> None:
-    """Starts an asynchronous save; an error of the previous background save is raised here."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-                              config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta))
+  def save(self, step: int, state, meta: dict, data: dict, config: dict,
+           tokenizer: dict | None = None) -> None:
+    """Starts an asynchronous save; an error of the previous background save is raised here.
+    `tokenizer`: `tokenizer_item(...)` of the run's tokenizer."""
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                 config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta))
+    if tokenizer is not None:
+      items["tokenizer"] = ocp.args.JsonSave(tokenizer)
+    args = ocp.args.Composite(**items)
     self.wait()  # Orbax would wait for the previous save anyway; this attributes its error
     self._apply_retention()
     try:
@@ -193,30 +246,57 @@ class Checkpointer:
                             f"{', '.join(map(str, self.all_steps())) or 'none'}")
     return step
 
-  def read_json(self, step: int | None = None) -> dict:
-    """The JSON items of a checkpoint: {'meta': ..., 'data': ..., 'config': ...}."""
+  def read_json(self, step: int | None = None,
+                names: tuple[str, ...] = ("meta", "data", "config")) -> dict:
+    """The JSON items of a checkpoint: {'meta': ..., 'data': ..., 'config': ...} (those that
+    exist; 'meta' must). DamagedCheckpoint if they cannot be read."""
     step = self._step_or_latest(step)
-    names = [n for n in ("meta", "data", "config") if (self.directory / str(step) / n).exists()]
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        **{n: ocp.args.JsonRestore() for n in names}))
-    return {n: dict(restored[n]) for n in names}
+    if not (self.directory / str(step) / "meta").exists():
+      raise DamagedCheckpoint(step, self.directory, "its meta item is missing")
+    names = [n for n in names if (self.directory / str(step) / n).exists()]
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          **{n: ocp.args.JsonRestore() for n in names}))
+      return {n: dict(restored[n]) for n in names}
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt JSON or missing files
+      raise DamagedCheckpoint(step, self.directory, _one_line(e)) from e
 
   def read_meta(self, step: int | None = None) -> dict:
-    return self.read_json(step)["meta"]
+    return self.read_json(step, ("meta",))["meta"]
+
+  def read_tokenizer(self, step: int) -> dict | None:
+    """The checkpoint's tokenizer item (see `tokenizer_item`), or None for older checkpoints."""
+    return self.read_json(step, ("meta", "tokenizer")).get("tokenizer")
+
+  def quarantine(self, step: int, reason: str) -> Path:
+    """Moves damaged checkpoint `step` out of the step namespace, to `<step>.damaged` (never
+    deleted: it is the user's data), with the reason beside it. Returns the new path."""
+    target = self.directory / f"{step}{DAMAGED_SUFFIX}"
+    n = 1
+    while target.exists():
+      target, n = self.directory / f"{step}{DAMAGED_SUFFIX}.{n}", n + 1
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(target)
+      try:
+        (target / "llmjax-damaged.txt").write_text(f"moved aside by llmjax: {reason}\n")
+      except OSError:
+        pass
+    self.manager.reload()
+    return target
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores the state into the shardings carried by `abstract_state`'s ShapeDtypeStructs
     (any mesh: Orbax reads each device's slice from the saved global arrays). Returns
     (state, json_items)."""
     step = self._step_or_latest(step)
+    items = self.read_json(step)
     self._check_shapes(abstract_state, step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"cannot restore step {step} from {self.directory} "
-                            f"({_one_line(e)})") from e
-    return restored["state"], self.read_json(step)
+    except Exception as e:  # noqa: BLE001 - unreadable arrays: truncated or missing files
+      raise DamagedCheckpoint(step, self.directory, _one_line(e)) from e
+    return restored["state"], items
 
   def _check_shapes(self, abstract_state, step: int) -> None:
     """Names the parameters whose shape/dtype differ instead of failing deep inside Orbax."""
@@ -263,6 +343,27 @@ def _leaves_by_path(tree) -> dict:
     return str(entry)
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {"/".join(name(e) for e in path): leaf for path, leaf in flat}
+
+
+def tokenizer_item(tokenizer) -> dict:
+  """The files `tokenizer.save(dir)` writes, base64-encoded: a checkpoint item."""
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save(tmp)
+    files = {p.name: base64.b64encode(p.read_bytes()).decode("ascii")
+             for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+  return {"kind": tokenizer.kind, "files": files}
+
+
+def write_tokenizer_files(item: dict, directory: Path) -> list[str]:
+  """Writes a checkpoint's tokenizer item into `directory` (each file atomically); returns
+  the names written."""
+  directory.mkdir(parents=True, exist_ok=True)
+  names = sorted(item["files"], key=lambda n: n == "tokenizer.json")  # the spec last
+  for name in names:
+    tmp = directory / f"{name}.tmp{os.getpid()}"
+    tmp.write_bytes(base64.b64decode(item["files"][name]))
+    os.replace(tmp, directory / name)
+  return names
 
 
 def model_mismatches(saved_model: dict, model: dict) -> list[str]:

@@ -2,14 +2,17 @@
 
 `python -m llmjax.main --mode=eval --workdir=RUN [--step=N]` evaluates a checkpoint without
 training: it restores only what evaluation needs, on the run's mesh or on another one
-(`--config=... --config.mesh.fsdp=4 ...`: only the `mesh` and `train.eval_batches` fields of a
-given config are used, everything else comes from the run), prints the metrics and writes them to
-`RUN/eval/step_<N>.json`.
+(`--config=... --config.mesh.fsdp=4 ...`), or on another corpus (`--config.data.val_path=...`,
+`--config.data.path=...`, also for a run whose corpus moved). Of a given config only `mesh.*`,
+`train.eval_batches` and `data.path`/`data.val_path`/`data.token_dtype` are used; everything else
+comes from the run, and any other field that differs from the run's is named in a warning. It
+prints the metrics and writes them to `RUN/eval/step_<N>.json`.
 """
 from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import jax
@@ -47,17 +50,21 @@ def evaluate_params(eval_step, params, batch_fn, num_batches: int, tokenizer,
   return result
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) -> dict:
+def evaluate_checkpoint(workdir: str, step: int | None = None, override=None,
+                        explicit=None) -> dict:
   """Evaluates checkpoint `step` (default: latest) of the run in `workdir`. `override`, a config,
-  supplies the mesh and train.eval_batches. Returns the metrics with 'step' added."""
+  supplies the mesh and train.eval_batches, and the corpus fields among `explicit` (see
+  `_eval_data`). Returns the metrics with 'step' added."""
   from llmjax import runs
   from llmjax.data import load_dataset
 
+  from llmjax import config as cfglib
   config = runs.read_config(workdir)
+  data = None
   if override is not None:
+    data = _eval_data(config, override, explicit)
     config.mesh.update(override.mesh.to_dict())
     config.train.eval_batches = override.train.eval_batches
-  from llmjax import config as cfglib
   try:
     cfglib.validate(config, num_devices=jax.device_count())  # e.g. batch vs the new mesh
   except cfglib.ConfigError:
@@ -69,7 +76,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
     cfglib.validate(config, num_devices=jax.device_count())
   mesh = shd.make_mesh(config)
   loaded = runs.load_run(workdir, step, mesh=mesh)
-  dataset = load_dataset(loaded.config.data, loaded.config.train.seed, loaded.tokenizer)
+  dataset = load_dataset(data or loaded.config.data, loaded.config.train.seed, loaded.tokenizer)
   t = loaded.config.train
   eval_step = jax.jit(trainlib.make_eval_step(loaded.model, loaded.objective, seed=t.seed))
   batch_fn = lambda i: shd.put_batch(
@@ -81,8 +88,14 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
                              loaded.tokenizer, bytes_per_token(loaded.tokenizer, dataset.val),
                              loaded.objective)
   result = {"step": loaded.step, **result}
+  name = f"step_{loaded.step}"
+  if data is not None and (data.path, data.val_path) != (config.data.path, config.data.val_path):
+    # another corpus: its own file, so the run's own figures are never overwritten by these
+    result["data"] = {"path": data.path, "val_path": data.val_path}
+    corpus = Path(data.val_path or data.path or "embedded").stem
+    name += f"_{corpus}_{zlib.crc32(json.dumps(result['data']).encode()):08x}"
   if jax.process_index() == 0:
-    out = Path(workdir) / "eval" / f"step_{loaded.step}.json"
+    out = Path(workdir) / "eval" / f"{name}.json"
     try:
       out.parent.mkdir(exist_ok=True)
       out.write_text(json.dumps(result, indent=2))
@@ -90,6 +103,38 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
     except OSError as e:  # a read-only run directory still gets its numbers printed
       print(f"llmjax: warning: could not write {out}: {e.strerror}")
   return result
+
+
+EVAL_OVERRIDES = ("data.path", "data.val_path", "data.token_dtype")
+
+
+def _eval_data(config, override, explicit=None):
+  """The data config to evaluate on: the run's, with the corpus fields of `override` that were
+  set explicitly (`explicit`: the --config.* names given on the command line; None: every field
+  of `override`). Warns by name about every other explicit field, which evaluation ignores."""
+  import sys
+  from llmjax import config as cfglib
+  run, given = cfglib.flatten(config), cfglib.flatten(override)
+  names = set(given) if explicit is None else set(explicit) & set(given)
+  used = lambda k: k in EVAL_OVERRIDES or k == "train.eval_batches" or k.startswith("mesh.")
+  ignored = sorted(k for k in names if not used(k) and given[k] != run.get(k))
+  if ignored:
+    more = f" (+{len(ignored) - 6} more)" if len(ignored) > 6 else ""
+    print(f"llmjax: warning: --mode=eval ignores {', '.join(ignored[:6])}{more} and uses the "
+          f"run's own values; it takes only mesh.*, train.eval_batches, {', '.join(EVAL_OVERRIDES)}"
+          " from --config", file=sys.stderr, flush=True)
+  data = config.data.copy_and_resolve_references()
+  for key in EVAL_OVERRIDES:
+    if key in names:
+      data[key.split(".", 1)[1]] = given[key]
+  changed = [f"data.{k}={data[k]!r}" for k in ("path", "val_path") if data[k] != config.data[k]]
+  if changed:
+    print(f"llmjax: evaluating on {', '.join(changed)} (the run trained on data.path="
+          f"{config.data.path!r}, data.val_path={config.data.val_path!r})", file=sys.stderr,
+          flush=True)
+  if data.val_path and "data.path" not in names:
+    data.path = data.val_path  # evaluation reads only the validation split: no train corpus needed
+  return data
 
 
 def format_result(result: dict) -> str:

@@ -5,8 +5,10 @@ Every step's work runs inside one jitted function; the host only assembles batch
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +23,10 @@ from llmjax import preemption
 from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
+from llmjax import workdir as workdir_lib
 from llmjax.data import load_dataset, load_tokenizer
+from llmjax.data.batches import corpus_fingerprint
+from llmjax.data.tokenizers import SPEC_FILE
 from llmjax.model import num_params
 from llmjax.runs import CONFIG_FILE
 
@@ -36,28 +41,28 @@ def log(message: str) -> None:
 class Run:
   """Everything built from a config for one workdir: data, model, mesh, steps, checkpointer."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, allow_corpus_change: bool = False):
     self.config = config
     self.workdir = Path(workdir)
-    try:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise ckpt.CheckpointError(f"cannot create --workdir {self.workdir} ({e.strerror}); "
-                                 "choose a writable directory") from None
     self.is_writer = jax.process_index() == 0
+    if self.is_writer:
+      workdir_lib.claim(self.workdir)  # refuses a stranger's directory; one process per workdir
+    else:
+      workdir_lib.check_not_empty(str(workdir))
+      self.workdir.mkdir(parents=True, exist_ok=True)
     t = config.train
     self.checkpointer = ckpt.Checkpointer(
         str(self.workdir), keep=t.keep_checkpoints, keep_period=t.keep_checkpoint_period,
         async_save=t.async_checkpointing)
-    self.resume_step = self.checkpointer.latest_step()
+    self.set_aside: list[str] = []  # damaged checkpoints moved out of the way, for the log
+    self.resume_step, saved_meta = self._newest_readable()
     resuming = self.resume_step is not None
     # init_from only starts a run: a workdir with checkpoints always resumes from its own.
     self.init_source = None if resuming else parse_init_from(t.init_from)
     if resuming and t.init_from:
       log(f"train.init_from={t.init_from} ignored: {self.workdir} already has checkpoints")
     if resuming:
-      saved_meta = self.checkpointer.read_meta(self.resume_step)
-      tokenizer = load_tokenizer(self.workdir)
+      tokenizer = self._run_tokenizer(self.resume_step)
     elif self.init_source:
       saved_meta = _read_source_meta(*self.init_source)
       tokenizer = load_tokenizer(self.init_source[0])
@@ -67,6 +72,11 @@ class Run:
       self._check_compatible(saved_meta, tokenizer)
     self.dataset = load_dataset(config.data, config.train.seed, tokenizer)
     self.tokenizer = self.dataset.tokenizer
+    _check_model_vocab(config, self.tokenizer)
+    self.corpus = corpus_identity(config.data, self.dataset)
+    if resuming:
+      self._check_corpus(saved_meta, allow_corpus_change)
+    self.tokenizer_item = ckpt.tokenizer_item(self.tokenizer) if self.is_writer else None
     if self.is_writer and not resuming:
       self.tokenizer.save(self.workdir)
     if self.is_writer:
@@ -82,6 +92,57 @@ class Run:
     self.bytes_per_token = evallib.bytes_per_token(self.tokenizer, self.dataset.val)
     self._all_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+  # -- damaged checkpoints, tokenizer and corpus of a resumed run ------------------------------
+  def _newest_readable(self):
+    """(step, meta) of the newest checkpoint whose metadata reads, setting damaged ones aside;
+    (None, None) when there is none."""
+    while True:
+      step = self.checkpointer.latest_step()
+      if step is None:
+        return None, None
+      try:
+        return step, self.checkpointer.read_meta(step)
+      except ckpt.DamagedCheckpoint as e:
+        self._set_aside(e)
+
+  def _set_aside(self, error: "ckpt.DamagedCheckpoint") -> None:
+    moved = self.checkpointer.quarantine(error.step, error.reason)
+    self.set_aside.append(str(moved))
+    log(f"checkpoint step {error.step} is damaged ({error.reason}); moved it aside to {moved} "
+        "(not deleted) and falling back to the previous checkpoint")
+
+  def _run_tokenizer(self, step: int):
+    """The run's tokenizer: its workdir file, or (when that was deleted) the copy stored in
+    checkpoint `step`, which is written back into the workdir."""
+    try:
+      return load_tokenizer(self.workdir)
+    except FileNotFoundError:
+      pass
+    item = self.checkpointer.read_tokenizer(step)
+    if item is None:
+      raise ckpt.CheckpointError(
+          f"{self.workdir} has lost its {SPEC_FILE} and checkpoint {step} predates tokenizers "
+          f"stored in checkpoints; put the run's {SPEC_FILE} back, or start a new --workdir")
+    target = self.workdir if self.is_writer else Path(tempfile.mkdtemp(prefix="llmjax-tok-"))
+    ckpt.write_tokenizer_files(item, target)
+    log(f"restored the tokenizer ({SPEC_FILE}) from checkpoint step {step}")
+    return load_tokenizer(target)
+
+  def _check_corpus(self, saved_meta: dict, allow_change: bool) -> None:
+    """Resuming on another corpus than the checkpoint was trained on: refused unless asked for
+    (--allow_corpus_change), and said in one line either way."""
+    saved = saved_meta.get("corpus")
+    if not saved or saved.get("fingerprint") == self.corpus["fingerprint"]:
+      return  # checkpoints from before corpora were fingerprinted cannot be compared
+    what = describe_corpus_change(saved, self.corpus)
+    if not allow_change:
+      raise ckpt.CheckpointError(
+          f"cannot resume {self.workdir} from step {self.resume_step} on another corpus ({what}); "
+          "rerun with the run's data.path/data.val_path, or pass --allow_corpus_change to "
+          "continue training on this one")
+    log(f"continuing step {self.resume_step} on another corpus ({what}): "
+        "--allow_corpus_change was given")
 
   def _check_compatible(self, saved_meta: dict, tokenizer) -> None:
     """Resuming (or init_from) with a different model or tokenizer: one line listing every
@@ -106,15 +167,25 @@ class Run:
   def initial_state(self):
     """The latest checkpoint if there is one, else the weights named by train.init_from with a
     fresh optimizer, else a freshly initialized state (always created already sharded)."""
-    if self.resume_step is not None:
+    while self.resume_step is not None:
       step = self.resume_step
-      state, items = self.checkpointer.restore(self.abstract_state, step)
+      try:
+        state, items = self.checkpointer.restore(self.abstract_state, step)
+      except ckpt.DamagedCheckpoint as e:  # fall back to the newest one that restores
+        self._set_aside(e)
+        self.resume_step, _ = self._newest_readable()
+        continue
       data_step = items.get("data", {}).get("step", step)
       if data_step != int(jax.device_get(state.step)):
         raise ckpt.CheckpointError(f"checkpoint {step} in {self.checkpointer.directory} is "
                                    f"inconsistent: data position {data_step} != state step")
       log(f"resumed from step {step} in {self.checkpointer.directory}")
       return state
+    if self.set_aside:
+      raise ckpt.CheckpointError(
+          f"no checkpoint in {self.checkpointer.directory} restores: the damaged ones were moved "
+          f"aside ({', '.join(self.set_aside)}); rerun to start over from step 0, or restore "
+          "their files")
     if self.init_source is not None:
       from llmjax import runs
       source, source_step = self.init_source
@@ -128,7 +199,8 @@ class Run:
   def checkpoint_meta(self, step: int) -> dict:
     meta = {"step": int(step), "data_step": int(step), "model": self.model_config.to_dict(),
             "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
-            "rng": f"fold_in(key(train.seed={self.config.train.seed}), step): no key is stored"}
+            "rng": f"fold_in(key(train.seed={self.config.train.seed}), step): no key is stored",
+            "corpus": self.corpus}
     if self.config.train.init_from:
       meta["init_from"] = self.config.train.init_from
     return meta
@@ -140,7 +212,8 @@ class Run:
       raise ckpt.CheckpointError(f"refusing to checkpoint step {step}: parameters are not finite")
     data = {"step": int(step), "seed": self.config.train.seed,
             "note": "batches are a pure function of (seed, split, step)"}
-    self.checkpointer.save(step, state, self.checkpoint_meta(step), data, self.config.to_dict())
+    self.checkpointer.save(step, state, self.checkpoint_meta(step), data, self.config.to_dict(),
+                           tokenizer=self.tokenizer_item)
 
   # -- data --------------------------------------------------------------------------------------
   def batch(self, split: str, step: int):
@@ -166,6 +239,31 @@ def parse_init_from(spec: str):
   if sep and tail.isdigit():
     path, step = head, int(tail)
   return path, step
+
+
+def _check_model_vocab(config, tokenizer) -> None:
+  """An explicit model.vocab_size must cover every id the tokenizer produces (plus [MASK])."""
+  need = tokenizer.vocab_size + (1 if config.train.objective == "masked_lm" else 0)
+  if config.model.vocab_size and config.model.vocab_size < need:
+    raise cfglib.ConfigError(
+        f"model.vocab_size={config.model.vocab_size} is smaller than the {tokenizer.kind} "
+        f"tokenizer's {need} ids{' (with [MASK])' if need > tokenizer.vocab_size else ''}; "
+        f"set --config.model.vocab_size={need} or larger (or 0: taken from the tokenizer)")
+
+
+def corpus_identity(data_config, dataset) -> dict:
+  """What a checkpoint records about its corpus, to notice a resume on another one."""
+  return {"fingerprint": int(corpus_fingerprint(dataset)), "path": data_config.path,
+          "val_path": data_config.val_path, "train_tokens": int(len(dataset.train)),
+          "val_tokens": int(len(dataset.val))}
+
+
+def describe_corpus_change(saved: dict, now: dict) -> str:
+  parts = [f"data.{k} {saved.get(k)!r} -> {now[k]!r}" for k in ("path", "val_path")
+           if saved.get(k) != now[k]]
+  parts += [f"{k.replace('_', ' ')} {saved.get(k):,} -> {now[k]:,}"
+            for k in ("train_tokens", "val_tokens") if saved.get(k) != now[k]]
+  return ", ".join(parts) or "same paths and sizes, different contents"
 
 
 def _read_source_meta(workdir: str, step: int | None) -> dict:
@@ -200,13 +298,24 @@ def _trim_metrics(workdir: Path, step: int) -> None:
 
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, allow_corpus_change: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir` up to config.train.steps; returns final eval metrics
-  (or {'stopped_at': step, 'signal': name} when SIGTERM/SIGINT stopped it)."""
-  run = Run(config, workdir)
+  (or {'stopped_at': step, 'signal': name} when SIGTERM/SIGINT stopped it). The workdir stays
+  locked against other processes until this returns."""
+  held = workdir_lib.holds(workdir)
+  try:
+    return _train(config, workdir, allow_corpus_change)
+  finally:
+    if not held:
+      workdir_lib.release(Path(workdir))
+
+
+def _train(config, workdir: str, allow_corpus_change: bool) -> dict:
+  run = Run(config, workdir, allow_corpus_change=allow_corpus_change)
   t, d = config.train, config.data
   state = run.initial_state()
   start = int(jax.device_get(state.step))
+  skipped_before = int(jax.device_get(state.nonfinite_skipped))
   tokens_per_step = d.batch_size * d.seq_len
   flops_per_step = mlib.flops_per_token(run.model_config, d.seq_len) * tokens_per_step
   peak, peak_source = mlib.peak_flops_per_device(t.peak_flops)
@@ -220,7 +329,7 @@ def train(config, workdir: str) -> dict:
       f"mesh {mesh_desc} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
   log(f"peak {peak_total / 1e12:.3g} TFLOP/s ({peak_source}); training steps {start}..{t.steps}")
 
-  if run.is_writer and run.resume_step is not None:
+  if run.is_writer:  # also at step 0: a first save killed mid-way left records of a lost run
     _trim_metrics(run.workdir, start)
   writer = mlib.MetricsWriter(str(run.workdir), tensorboard=t.tensorboard, enabled=run.is_writer)
   progress = None
@@ -244,6 +353,14 @@ def train(config, workdir: str) -> dict:
         f"{run.checkpointer.directory / str(final_step)}; rerun the same command to resume")
     return {"stopped_at": final_step, "signal": stopped}
 
+  skipped = int(jax.device_get(state.nonfinite_skipped)) - skipped_before
+  if final_step > start and skipped >= final_step - start:
+    writer.close()
+    run.checkpointer.close()
+    raise trainlib.NonFiniteError(
+        f"every update of steps {start + 1}..{final_step} was skipped (non-finite loss or "
+        f"gradients on each, train.nonfinite_policy='{t.nonfinite_policy}'): nothing was learned, "
+        f"so no checkpoint was written; check the data (token ids vs the vocabulary) and optim.lr")
   if final_step > start and run.checkpointer.latest_step() != final_step:
     run.save(state, final_step)
   result = run.evaluate(state.params)
@@ -277,16 +394,31 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
   delay = float(os.environ.get("LLMJAX_TEST_STEP_DELAY_S", "0") or 0)
   last_log_time, last_log_step = time.perf_counter(), start
   multi_host = jax.process_count() > 1
+  # Steps dispatched but not yet known to have finished (JAX runs ahead of the device): the
+  # progress bar and the non-finite halt look at finished steps only, without waiting for them.
+  inflight: collections.deque = collections.deque()
+  halt_early = t.nonfinite_policy == "halt" and not multi_host  # hosts must stop at the same step
+
+  def finished(upto: int = -1) -> None:
+    """Retires the in-flight steps that have finished (and every step <= upto, waiting)."""
+    while inflight and (inflight[0][0] <= upto or inflight[0][1]["nonfinite_streak"].is_ready()):
+      done_step, metrics = inflight.popleft()
+      if progress is not None:
+        progress.update(1)
+      if halt_early:
+        _check_nonfinite(run, metrics, done_step)
+
   with preemption.StopRequest() as stop, run.program.scope():
     for step in range(start, t.steps):
       state, pending = run.train_step(state, run.batch("train", step))
       done = step + 1
-      if progress is not None:
-        progress.update(1)
+      inflight.append((done, pending))
+      finished()
       if delay:
         time.sleep(delay)
       if done % t.log_every == 0 or done == t.steps:
         values = jax.device_get(pending)
+        finished(upto=done)
         now = time.perf_counter()
         step_time = (now - last_log_time) / max(done - last_log_step, 1)
         last_log_time, last_log_step = now, done
@@ -302,29 +434,45 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         last_log_time = time.perf_counter()  # eval time is not step time
       preempted = multi_host and run.checkpointer.manager.reached_preemption(done)
       if stop.requested() or preempted:
+        finished(upto=done)
         _check_nonfinite(run, jax.device_get(pending), done)
         run.save(state, done)
         run.checkpointer.wait()
         return state, stop.signal_name or "preemption notice"
       if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+        finished(upto=done)
         _check_nonfinite(run, jax.device_get(pending), done)  # never checkpoint a halted run
         run.save(state, done)
+    finished(upto=t.steps)
   return state, None
 
 
 def _check_nonfinite(run: Run, values: dict, done: int) -> None:
   """Under nonfinite_policy='halt', stops once the guard saw `nonfinite_halt_after` consecutive
-  bad steps (the jitted step has kept the parameters from before them)."""
+  bad steps (the jitted step has kept the parameters from before them). The streak in step
+  `done`'s metrics also counts the frozen steps after the halt, so the first bad step is
+  done - streak + 1 whenever the check runs."""
   t = run.config.train
   streak = int(values["nonfinite_streak"])
   if t.nonfinite_policy == "halt" and streak >= t.nonfinite_halt_after:
-    run.checkpointer.wait()
+    first = done - streak + 1
+    bad = (f"step {first}" if t.nonfinite_halt_after == 1
+           else f"steps {first}..{first + t.nonfinite_halt_after - 1}")
     raise trainlib.NonFiniteError(
-        f"step {done}: {streak} consecutive step(s) with non-finite loss or gradients "
-        f"(loss {values['loss']}); stopped by train.nonfinite_policy='halt' "
-        f"(train.nonfinite_halt_after={t.nonfinite_halt_after}); the bad updates were skipped, "
-        f"latest checkpoint: step {run.checkpointer.latest_step()}; lower optim.lr, check the "
-        "data, or set --config.train.nonfinite_policy=skip")
+        f"non-finite loss or gradients at {bad}; stopped by train.nonfinite_policy='halt' "
+        f"(train.nonfinite_halt_after={t.nonfinite_halt_after}); the bad update(s) were skipped, "
+        f"latest checkpoint: {_latest_checkpoint(run)}; lower optim.lr, check the data, or set "
+        "--config.train.nonfinite_policy=skip")
+
+
+def _latest_checkpoint(run: Run) -> str:
+  """The newest complete checkpoint on disk, once any save in flight has finished."""
+  run.checkpointer.wait()
+  run.checkpointer.manager.reload()  # the manager's list may predate a just-finished save
+  steps = run.checkpointer.all_steps()
+  if not steps:
+    return "none yet (a rerun starts from step 0)"
+  return f"step {steps[-1]} ({run.checkpointer.directory / str(steps[-1])})"
 
 
 def _shutdown_after_error(run: Run, writer, progress) -> None:

@@ -23,6 +23,8 @@ flags.DEFINE_integer("process_id", -1, "Multi-host: this process's rank (-1 = de
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train, or evaluate a checkpoint of --workdir without training (--step).")
 flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step to evaluate (default: latest).")
+flags.DEFINE_bool("allow_corpus_change", False, "Resume even though data.path/data.val_path hold "
+                  "another corpus than the checkpoint was trained on (refused without it).")
 FLAGS = flags.FLAGS
 
 
@@ -31,12 +33,15 @@ def fail(message: str, status: int = 2) -> None:
   sys.exit(status)
 
 
-def evaluate_mode(config) -> None:
-  """--mode=eval: the run's own config; a given --config only contributes mesh.* and
-  train.eval_batches (to evaluate on another device layout)."""
+def evaluate_mode(config, argv) -> None:
+  """--mode=eval: the run's own config; a given --config only contributes mesh.*,
+  train.eval_batches (another device layout) and data.path/val_path/token_dtype (another corpus);
+  any other --config.* given is named in a warning."""
   import json
   from llmjax import evaluate
-  result = evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.step, override=config)
+  explicit = {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
+  result = evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.step, override=config,
+                                        explicit=explicit)
   print(evaluate.format_result(result), flush=True)
   print(json.dumps(result, sort_keys=True), flush=True)
 
@@ -44,6 +49,11 @@ def evaluate_mode(config) -> None:
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value")
+  from llmjax import workdir as workdir_lib
+  try:
+    workdir_lib.check_not_empty(FLAGS.workdir)
+  except workdir_lib.WorkdirError as e:
+    fail(str(e))
   if _CONFIG.value is None and FLAGS.mode == "train":
     fail("--config is required, e.g. --config=experiments/shakespeare_char.py")
   config = _CONFIG.value
@@ -57,7 +67,7 @@ def main(argv):
   from llmjax.cpu_devices import configure_cpu_devices
   try:
     if FLAGS.mode == "eval":
-      evaluate_mode(config)
+      evaluate_mode(config, sys.argv)
       return
     # Multi-host runs must initialize the distributed runtime before anything touches devices.
     distributed.apply_flags(config, FLAGS.coordinator_address, FLAGS.num_processes,
@@ -68,27 +78,59 @@ def main(argv):
     cfglib.validate(config, num_devices=jax.device_count(),
                     num_slices=shd.num_slices(config, jax.devices()))
     from llmjax import loop
-    loop.train(config, FLAGS.workdir)
-  except (cfglib.ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    loop.train(config, FLAGS.workdir, allow_corpus_change=FLAGS.allow_corpus_change)
+  except (cfglib.ConfigError, DataError, CheckpointError, FileNotFoundError,
+          workdir_lib.WorkdirError) as e:
     fail(str(e))
   except NonFiniteError as e:
     fail(str(e), status=1)
 
 
+def _config_arg(argv) -> str:
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _last_error_line(text: str) -> str:
+  """The exception line at the end of a traceback that ml_collections folds into its message."""
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
+  return lines[-1] if lines else text
+
+
 def parse_flags(argv):
-  """absl flag parsing, with bad --config.* overrides reported as one line (exit 2)."""
+  """absl flag parsing, with a bad --config file or --config.* override reported as one line
+  (exit 2): a missing file, a syntax error, get_config() failing (e.g. an unknown :variant)."""
+  spec = _config_arg(argv)
   try:
-    return FLAGS(argv)
+    parsed = FLAGS(argv)
   except flags.Error as e:
-    fail(str(e).splitlines()[0])
-  except (AttributeError, KeyError):
+    text = str(e)
+    if "Error whilst parsing config file" in text:  # get_config raised: show its own message
+      fail(f"--config={spec}: {_last_error_line(text)}")
+    fail(text.splitlines()[0])
+  except SyntaxError as e:
+    fail(f"--config file {e.filename}, line {e.lineno}: syntax error ({e.msg}); fix the file")
+  except (AttributeError, KeyError) as e:
     schema = cfglib.flatten(cfglib.default_config())
     for arg in argv[1:]:
       if arg.startswith("--config.") and "=" in arg:
         name = arg[len("--config."):].split("=", 1)[0]
         if name not in schema:
           fail(cfglib.unknown_key_message(name, schema))
-    raise
+    fail(f"--config={spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+  except Exception as e:  # noqa: BLE001 - the config file's own code failed while loading
+    fail(f"--config={spec}: {type(e).__name__}: {_last_error_line(str(e))}")
+  value = _CONFIG.value
+  if value is not None and type(value).__name__ == "_ErrorConfig":
+    # ml_collections defers a missing/unreadable file to the first access; say it now
+    path = spec.split(":", 1)[0]
+    fail(f"--config file {path!r} does not exist or cannot be read; pass an experiment file, "
+         "e.g. --config=experiments/shakespeare_char.py")
+  return parsed
 
 
 def run():

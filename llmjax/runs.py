@@ -7,6 +7,8 @@ one through `create_run`, so every tool reads and writes the same format as trai
 from __future__ import annotations
 
 import dataclasses
+import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -44,30 +46,61 @@ def read_config(workdir: str | Path):
 
 
 def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedRun:
-  """The parameters of checkpoint `step` (default: the latest complete one), placed on `mesh`
-  (default: the run's mesh config over this host's devices, or one device if it does not fit)."""
+  """The parameters of checkpoint `step` (default: the latest one that restores), placed on
+  `mesh` (default: the run's mesh config over this host's devices, or one device if it does not
+  fit). A damaged latest checkpoint is skipped with a warning (left in place: readers never move
+  a run's files); an explicit damaged `step` is a CheckpointError naming it."""
   config = read_config(workdir)
   checkpointer = ckpt.Checkpointer(str(workdir), async_save=False, read_only=True)
   try:
     steps = checkpointer.all_steps()
     if not steps:
       raise ckpt.CheckpointError(f"no checkpoint in {checkpointer.directory}")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise ckpt.CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
                                  f"available steps: {', '.join(map(str, sorted(steps)))}")
-    meta = checkpointer.read_meta(step)
-    model_config = TransformerConfig.from_mapping(meta["model"])
+    candidates = [step] if step is not None else sorted(steps, reverse=True)
     if mesh is None:
       mesh = _default_mesh(config)
-    program = programlib.build(config, mesh, model_config)
-    state, _ = checkpointer.restore(program.abstract_state, step)
+    for i, candidate in enumerate(candidates):
+      try:
+        meta = checkpointer.read_meta(candidate)
+        model_config = TransformerConfig.from_mapping(meta["model"])
+        program = programlib.build(config, mesh, model_config)
+        state, _ = checkpointer.restore(program.abstract_state, candidate)
+        step = candidate
+        break
+      except ckpt.DamagedCheckpoint as e:
+        if i + 1 == len(candidates):
+          raise
+        print(f"llmjax: warning: {e.args[0].split('; restore')[0]}; using step "
+              f"{candidates[i + 1]} instead", file=sys.stderr, flush=True)
+    tokenizer = run_tokenizer(workdir, checkpointer, step)
   finally:
     checkpointer.close()
   return LoadedRun(config=config, model_config=model_config, model=program.model,
-                   params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh,
+                   params=state.params, tokenizer=tokenizer, step=int(step), mesh=mesh,
                    objective=program.objective)
+
+
+def run_tokenizer(workdir: str | Path, checkpointer, step: int):
+  """The run's tokenizer from its workdir; if that file is gone, from checkpoint `step` (written
+  back into the workdir when it is writable, else into a temporary directory)."""
+  try:
+    return load_tokenizer(workdir)
+  except FileNotFoundError:
+    item = checkpointer.read_tokenizer(step)
+    if item is None:
+      raise
+  target = Path(workdir)
+  try:
+    ckpt.write_tokenizer_files(item, target)
+  except OSError:
+    target = Path(tempfile.mkdtemp(prefix="llmjax-tokenizer-"))
+    ckpt.write_tokenizer_files(item, target)
+  print(f"llmjax: restored the tokenizer into {target} from checkpoint step {step}",
+        file=sys.stderr, flush=True)
+  return load_tokenizer(target)
 
 
 def _default_mesh(config):
@@ -83,10 +116,20 @@ def create_run(workdir: str | Path, config, params, tokenizer, step: int = 0) ->
   """Writes a new run directory whose checkpoint `step` holds `params` and a fresh optimizer
   state: training with this workdir continues from these weights, and eval/generate/export
   accept it like any trained run. Refuses to overwrite an existing run."""
+  from llmjax import workdir as workdir_lib
   workdir = Path(workdir)
   if (workdir / ckpt.CHECKPOINT_DIR).exists() and any((workdir / ckpt.CHECKPOINT_DIR).iterdir()):
     raise ckpt.CheckpointError(f"{workdir} already holds checkpoints; choose a new --workdir")
-  workdir.mkdir(parents=True, exist_ok=True)
+  held = workdir_lib.holds(workdir)
+  workdir = workdir_lib.claim(workdir)  # never over a stranger's config.json; one writer
+  try:
+    _write_new_run(workdir, config, params, tokenizer, step)
+  finally:
+    if not held:
+      workdir_lib.release(workdir)
+
+
+def _write_new_run(workdir: Path, config, params, tokenizer, step: int) -> None:
   model_config = cfglib.model_config(config, tokenizer.vocab_size)
   config.model.vocab_size = model_config.vocab_size
   optimizer, _ = make_optimizer(config.optim, config.train.steps)
@@ -98,7 +141,7 @@ def create_run(workdir: str | Path, config, params, tokenizer, step: int = 0) ->
     meta = {"step": step, "data_step": step, "model": model_config.to_dict(),
             "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
     checkpointer.save(step, state, meta, {"step": step, "seed": config.train.seed},
-                      config.to_dict())
+                      config.to_dict(), tokenizer=ckpt.tokenizer_item(tokenizer))
     checkpointer.wait()
   finally:
     checkpointer.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -126,10 +127,30 @@ def save_hf(model_config: TransformerConfig, params, out_dir: str | os.PathLike,
 def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
               max_shard_bytes: int = files.DEFAULT_SHARD_BYTES) -> list[str]:
   """Exports checkpoint `step` (default: the latest) of an llmjax run directory with save_hf."""
+  import shutil
   from llmjax import runs
   out = Path(out_dir)
   if out.exists() and any(out.glob("*.safetensors")):
     raise ConversionError(f"{out} already holds safetensors weights; choose a new --hf_dir")
+  _refuse_existing(out, [files.CONFIG, files.INDEX])
   run = runs.load_run(workdir, step)
   hf_config.export_family(run.model_config)  # refuse before writing anything
-  return save_hf(run.model_config, run.params, out, run.tokenizer, max_shard_bytes)
+  # Written into a fresh directory beside `out`, then moved in: an existing file of the same name
+  # (a tokenizer_config.json, ...) is refused by name, never overwritten.
+  out.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=".llmjax-export-", dir=out))
+  try:
+    written = save_hf(run.model_config, run.params, staging, run.tokenizer, max_shard_bytes)
+    _refuse_existing(out, written)
+    for name in written:
+      os.replace(staging / name, out / name)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return written
+
+
+def _refuse_existing(out: Path, names) -> None:
+  for name in names:
+    if (out / name).exists():
+      raise ConversionError(f"{out / name} already exists and hf_export would overwrite it; "
+                            "choose a new or empty --hf_dir")

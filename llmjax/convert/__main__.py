@@ -39,7 +39,10 @@ def main(argv):
   from llmjax.checkpoint import CheckpointError
   from llmjax.config import ConfigError
   from llmjax.data import DataError
+  from llmjax.workdir import WorkdirError, check_not_empty
   try:
+    check_not_empty(FLAGS.workdir)
+    check_not_empty(FLAGS.hf_dir, "--hf_dir")
     if argv[1] == "hf_import":
       hf = convert.import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype, FLAGS.revision)
       cfg = hf.model_config
@@ -50,7 +53,7 @@ def main(argv):
                                   max_shard_bytes=FLAGS.max_shard_mb * 1024 * 1024)
       print(f"exported {FLAGS.workdir} to {FLAGS.hf_dir}: {', '.join(written)}")
   except (convert.ConversionError, ConfigError, DataError, CheckpointError,
-          FileNotFoundError) as e:
+          FileNotFoundError, WorkdirError) as e:
     fail(str(e))
 
 

@@ -54,7 +54,13 @@ def read_config(directory: Path) -> dict:
   path = directory / CONFIG
   if not path.exists():
     raise FileNotFoundError(f"no {CONFIG} in {directory}: not a Hugging Face model directory")
-  return json.loads(path.read_text())
+  try:
+    config = json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, OSError) as e:
+    raise ConversionError(f"{path} is not valid JSON ({e}); download it again") from None
+  if not isinstance(config, dict):
+    raise ConversionError(f"{path} is not a JSON object; download it again")
+  return config
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -87,11 +93,18 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
   from safetensors import safe_open
   tensors = {}
   for file in _weight_files(directory):
-    with safe_open(str(file), framework="numpy") as f:
-      for name in f.keys():
-        if name in tensors:
-          raise ConversionError(f"weight {name!r} appears in more than one shard ({file.name})")
-        tensors[name] = f.get_tensor(name)
+    try:
+      with safe_open(str(file), framework="numpy") as f:
+        for name in f.keys():
+          if name in tensors:
+            raise ConversionError(f"weight {name!r} appears in more than one shard ({file.name})")
+          tensors[name] = f.get_tensor(name)
+    except ConversionError:
+      raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ConversionError(f"{file} cannot be read ({reason}): the file is truncated or "
+                            "corrupt; download it again") from None
   return tensors
 
 

@@ -25,6 +25,7 @@ class TokenDataset:
   seq_len: int
   seed: int = 0
   eos_id: int | None = None  # set when packing: segment ids restart after each EOS
+  vocab_size: int | None = None  # set for token files: every batch is checked against it
 
   def __post_init__(self):
     for split, tokens in (("train", self.train), ("val", self.val)):
@@ -51,6 +52,13 @@ class TokenDataset:
     starts = self.window_starts(split, step, batch_size)[process_index * rows:(process_index + 1) * rows]
     tokens = getattr(self, split)
     window = np.asarray(tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int32)
+    if self.vocab_size is not None and window.size and (
+        window.max() >= self.vocab_size or window.min() < 0):
+      bad = int(window.max()) if window.max() >= self.vocab_size else int(window.min())
+      raise sources.DataError(
+          f"the {split} tokens hold id {bad} (batch {step}), outside the tokenizer's vocabulary of "
+          f"{self.vocab_size} ids: the token file was written with another tokenizer; use the "
+          "tokenizer it was made with")
     out = {"inputs": window[:, :-1], "targets": window[:, 1:]}
     if self.eos_id is not None:
       out.update(packed_segments(out["inputs"], self.eos_id))
@@ -74,8 +82,17 @@ def _split_tokens(tokens: np.ndarray, val_fraction: float):
   return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
 
 
-def _encode_documents(tokenizer, docs: list[str]) -> np.ndarray:
+def _encode_documents(tokenizer, docs: list[str], field: str = "data.path") -> np.ndarray:
   """Concatenates documents, separated by EOS when the tokenizer has one, else by a blank line."""
+  try:
+    return _encode(tokenizer, docs)
+  except ValueError as e:  # a character outside a restored char vocabulary
+    raise sources.DataError(
+        f"{field}: {e}; this run's tokenizer cannot encode the corpus: use the corpus it was "
+        "built from, or start a new run (new --workdir) on this one") from None
+
+
+def _encode(tokenizer, docs: list[str]) -> np.ndarray:
   if tokenizer.eos_id is not None:
     parts = []
     for doc in docs:
@@ -88,22 +105,35 @@ def _encode_documents(tokenizer, docs: list[str]) -> np.ndarray:
 def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
   """Builds the tokenizer (unless given, e.g. restored from a run) and the train/val token arrays."""
   path = data_config.path
+  vocab_check = None
   if path and sources.is_token_file(path):
+    if tokenizer is None and data_config.tokenizer == "char":
+      raise sources.DataError(
+          f"data.path={path!r} is a token file, but data.tokenizer='char' builds its vocabulary "
+          "from text; use the tokenizer the file was written with (data.tokenizer='byte', "
+          "'sentencepiece' with data.tokenizer_path, or 'hf'), or give a text corpus")
     if tokenizer is None:
       tokenizer = build_tokenizer(data_config, corpus_text=None)
     tokens = sources.open_token_file(path, data_config.token_dtype)
+    sources.check_token_ids(tokens, tokenizer.vocab_size, path)
+    vocab_check = tokenizer.vocab_size
     if data_config.val_path:
-      train, val = tokens, sources.open_token_file(data_config.val_path, data_config.token_dtype)
+      val = sources.open_token_file(data_config.val_path, data_config.token_dtype,
+                                    field="data.val_path")
+      sources.check_token_ids(val, tokenizer.vocab_size, data_config.val_path, "data.val_path")
+      train = tokens
     else:
       train, val = _split_tokens(tokens, data_config.val_fraction)
   else:
     docs = sources.text_documents(path) if path else sources.embedded_documents()
-    val_docs = sources.text_documents(data_config.val_path) if data_config.val_path else None
+    val_docs = (sources.text_documents(data_config.val_path, field="data.val_path")
+                if data_config.val_path else None)
     if tokenizer is None:
       tokenizer = build_tokenizer(data_config, corpus_text="\n\n".join(docs + (val_docs or [])))
-    tokens = _encode_documents(tokenizer, docs)
+    tokens = _encode_documents(tokenizer, docs, f"data.path={path!r}" if path else "the corpus")
     if val_docs is not None:
-      train, val = tokens, _encode_documents(tokenizer, val_docs)
+      train, val = tokens, _encode_documents(tokenizer, val_docs,
+                                             f"data.val_path={data_config.val_path!r}")
     else:
       train, val = _split_tokens(tokens, data_config.val_fraction)
   eos = tokenizer.eos_id if data_config.packing else None
@@ -111,7 +141,7 @@ def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
     raise sources.DataError(f"data.packing=True needs a tokenizer with an end-of-document token; "
                             f"'{tokenizer.kind}' has none (use data.tokenizer='sentencepiece')")
   return TokenDataset(train=train, val=val, tokenizer=tokenizer, seq_len=data_config.seq_len,
-                      seed=seed, eos_id=eos)
+                      seed=seed, eos_id=eos, vocab_size=vocab_check)
 
 
 def corpus_fingerprint(dataset: TokenDataset) -> int:
