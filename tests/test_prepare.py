@@ -292,3 +292,25 @@ def test_prepare_module_runs_as_a_command(tmp_path):
   assert "prepared " in proc.stderr
   bad = run_cli(["-m", "llmjax.data.prepare", "--output=x"])
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_prefetcher_yields_steps_in_order_measures_and_reraises():
+  from llmjax.data.prefetch import Prefetcher
+
+  def make(step):
+    if step == 7:
+      raise DataError("bad shard")
+    return {"step": np.full(2, step)}
+
+  pre = Prefetcher(make, 3, 10, depth=2)
+  try:
+    for step in range(3, 7):
+      assert int(pre.get(step)["step"][0]) == step
+    stats = pre.stats()
+    assert stats["data_host_ms"] >= 0 and stats["data_wait_ms"] >= 0
+    with pytest.raises(DataError, match="bad shard"):  # raised in the consumer, not lost
+      pre.get(7)
+    with pytest.raises(ValueError, match="expected step 7"):
+      pre.get(9)
+  finally:
+    pre.close()

@@ -143,7 +143,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 # -- the tokenizer ----------------------------------------------------------------------------------
-def make_tokenizer(args, tasks, out: Path, pool):
+def make_tokenizer(args, tasks, out: Path, workers: int):
   """The tokenizer to prepare with; saved into `out`. A partial run reuses the one it saved."""
   from llmjax.data import tokenizers as toklib
   if (out / toklib.SPEC_FILE).exists():
@@ -160,8 +160,12 @@ def make_tokenizer(args, tasks, out: Path, pool):
     tok = toklib.SentencePieceTokenizer(args.tokenizer_path)
   else:
     budget = max(int(args.sp_sample_mb * (1 << 20)) // len(tasks), 1)
-    parts = list(pool.map(_sample_task, [(t, args.text_key, budget) for t in tasks])
-                 if pool else map(_sample_task, [(t, args.text_key, budget) for t in tasks]))
+    jobs = [(t, args.text_key, budget) for t in tasks]
+    if workers > 1:
+      with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_sample_task, jobs))
+    else:
+      parts = list(map(_sample_task, jobs))
     sample = "\n".join(p for p in parts if p)
     if not sample.strip():
       raise DataError("the inputs hold no text to train a sentencepiece tokenizer on")
@@ -365,13 +369,7 @@ def prepare(args) -> dict:
   progress = previous or {"options_fingerprint": _fingerprint(options), "splits": {}}
   _write_json(out / PROGRESS, progress)  # marks the directory as ours before anything else
   workers = args.num_workers or os.cpu_count() or 1
-  pool = (cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-          if workers > 1 else None)
-  try:
-    tok = make_tokenizer(args, tasks, out, pool)
-  finally:
-    if pool:
-      pool.shutdown()
+  tok = make_tokenizer(args, tasks, out, workers)
   fingerprint = shardlib.tokenizer_fingerprint(tok)
   dtype = shardlib.token_dtype(tok.vocab_size)
   if progress.get("tokenizer_fingerprint", fingerprint) != fingerprint:
