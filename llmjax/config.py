@@ -27,7 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 0  # 0 -> taken from the tokenizer
 
   c.data = ml_collections.ConfigDict(dict(
-      path="",               # '' -> embedded corpus; a text file or glob; or a .bin/.npy token array
+      path="",               # '' -> embedded corpus; a text file or glob; a .bin/.npy token array
+                             # (or a glob of them); a directory made by llmjax.data.prepare
+      mixture="",            # 'dirA:0.7,dirB:0.3': prepared directories sampled by weight per row
       val_path="",           # optional separate validation text/tokens; '' -> split off val_fraction
       tokenizer="char",      # 'char' | 'byte' | 'sentencepiece' | 'hf' (a Hugging Face tokenizer)
       tokenizer_path="",     # sentencepiece: an existing .model ('' -> train one from the corpus);

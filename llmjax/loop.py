@@ -6,6 +6,7 @@ Every step's work runs inside one jitted function; the host only assembles batch
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import tempfile
@@ -27,6 +28,8 @@ from llmjax import workdir as workdir_lib
 from llmjax.data import load_dataset, load_tokenizer
 from llmjax.data.batches import corpus_fingerprint
 from llmjax.data.tokenizers import SPEC_FILE
+from llmjax.data.prefetch import Prefetcher
+from llmjax.data.shards import check_token_ids
 from llmjax.model import num_params
 from llmjax.runs import CONFIG_FILE
 
@@ -83,6 +86,7 @@ class Run:
       _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
 
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
+    check_token_ids(self.dataset, self.model_config.vocab_size)  # prepared corpora know their max id
     self.program = programlib.build(config, shd.make_mesh(config), self.model_config)
     prog = self.program
     self.model, self.mesh, self.rules = prog.model, prog.mesh, prog.rules
@@ -216,18 +220,28 @@ class Run:
                            tokenizer=self.tokenizer_item)
 
   # -- data --------------------------------------------------------------------------------------
-  def batch(self, split: str, step: int):
-    host = self.dataset.batch(split, step, self.config.data.batch_size,
+  def host_batch(self, split: str, step: int):
+    """This process's rows of batch `step` as numpy arrays (what the prefetch thread makes)."""
+    return self.dataset.batch(split, step, self.config.data.batch_size,
                               jax.process_index(), jax.process_count())
-    return shd.put_batch(host, self.mesh)
+
+  def batch(self, split: str, step: int):
+    return shd.put_batch(self.host_batch(split, step), self.mesh)
 
   # -- evaluation --------------------------------------------------------------------------------
   def evaluate(self, params, num_batches: int | None = None) -> dict:
+    """Validation metrics; a data.mixture adds each source's own ('<name>/loss', ...)."""
+    splits = {"": "val"}
+    splits.update({f"{name}/": f"val/{name}" for name in getattr(self.dataset, "names", [])})
+    result = {}
     with self.program.scope():
-      return evallib.evaluate_params(
-          self.eval_step, params, lambda i: self.batch("val", i),
-          num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token,
-          self.program.objective)
+      for prefix, split in splits.items():
+        metrics = evallib.evaluate_params(
+            self.eval_step, params, lambda i, split=split: self.batch(split, i),
+            num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token,
+            self.program.objective)
+        result.update({prefix + k: v for k, v in metrics.items()})
+    return result
 
 
 def parse_init_from(spec: str):
@@ -408,9 +422,11 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
       if halt_early:
         _check_nonfinite(run, metrics, done_step)
 
-  with preemption.StopRequest() as stop, run.program.scope():
+  # host rows of the next steps are read on a background thread while the device computes
+  prefetch = Prefetcher(lambda s: run.host_batch("train", s), start, t.steps)
+  with preemption.StopRequest() as stop, run.program.scope(), _closing(prefetch):
     for step in range(start, t.steps):
-      state, pending = run.train_step(state, run.batch("train", step))
+      state, pending = run.train_step(state, shd.put_batch(prefetch.get(step), run.mesh))
       done = step + 1
       inflight.append((done, pending))
       finished()
@@ -424,6 +440,7 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         last_log_time, last_log_step = now, done
         values.update(step_time_ms=step_time * 1e3, tokens_per_sec=tokens_per_step / step_time,
                       mfu=mfu_per_step_time / step_time)
+        values.update(prefetch.stats())  # data_host_ms, data_wait_ms: input cost per step
         writer.write(done, values)
         _check_nonfinite(run, values, done)
         if progress is not None:
@@ -445,6 +462,14 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         run.save(state, done)
     finished(upto=t.steps)
   return state, None
+
+
+@contextlib.contextmanager
+def _closing(prefetch: Prefetcher):
+  try:
+    yield prefetch
+  finally:
+    prefetch.close()
 
 
 def _check_nonfinite(run: Run, values: dict, done: int) -> None:

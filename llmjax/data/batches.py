@@ -7,11 +7,12 @@ materializes only its own rows of the global batch (multi-host input).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import zlib
 
 import numpy as np
 
-from llmjax.data import sources
+from llmjax.data import shards, sources
 from llmjax.data.tokenizers import build_tokenizer
 
 SPLITS = {"train": 0, "val": 1}
@@ -26,6 +27,7 @@ class TokenDataset:
   seed: int = 0
   eos_id: int | None = None  # set when packing: segment ids restart after each EOS
   vocab_size: int | None = None  # set for token files: every batch is checked against it
+  max_token_id: int | None = None  # known for prepared corpora: checked against the model's vocab
 
   def __post_init__(self):
     for split, tokens in (("train", self.train), ("val", self.val)):
@@ -50,8 +52,7 @@ class TokenDataset:
       raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
     rows = batch_size // process_count
     starts = self.window_starts(split, step, batch_size)[process_index * rows:(process_index + 1) * rows]
-    tokens = getattr(self, split)
-    window = np.asarray(tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int32)
+    window = read_windows(getattr(self, split), starts, self.seq_len + 1)
     if self.vocab_size is not None and window.size and (
         window.max() >= self.vocab_size or window.min() < 0):
       bad = int(window.max()) if window.max() >= self.vocab_size else int(window.min())
@@ -59,10 +60,21 @@ class TokenDataset:
           f"the {split} tokens hold id {bad} (batch {step}), outside the tokenizer's vocabulary of "
           f"{self.vocab_size} ids: the token file was written with another tokenizer; use the "
           "tokenizer it was made with")
-    out = {"inputs": window[:, :-1], "targets": window[:, 1:]}
-    if self.eos_id is not None:
-      out.update(packed_segments(out["inputs"], self.eos_id))
-    return out
+    return rows_from_windows(window, self.eos_id)
+
+
+def read_windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
+  """[len(starts), length] int32 token windows; sharded corpora read only these bytes."""
+  if hasattr(tokens, "windows"):
+    return tokens.windows(starts, length)
+  return np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int32)
+
+
+def rows_from_windows(window: np.ndarray, eos_id: int | None) -> dict[str, np.ndarray]:
+  out = {"inputs": window[:, :-1], "targets": window[:, 1:]}
+  if eos_id is not None:
+    out.update(packed_segments(out["inputs"], eos_id))
+  return out
 
 
 def packed_segments(inputs: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
@@ -105,6 +117,12 @@ def _encode(tokenizer, docs: list[str]) -> np.ndarray:
 def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
   """Builds the tokenizer (unless given, e.g. restored from a run) and the train/val token arrays."""
   path = data_config.path
+  # -- prepared corpora and mixtures (llmjax.data.prepare): memory-mapped shards --
+  if data_config.get("mixture", ""):
+    from llmjax.data import mixture
+    return mixture.load_mixture(data_config, seed, tokenizer)
+  if shards.is_prepared_dir(path):
+    return load_prepared(path, data_config, seed, tokenizer)
   vocab_check = None
   if path and sources.is_token_file(path):
     if tokenizer is None and data_config.tokenizer == "char":
@@ -114,7 +132,8 @@ def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
           "'sentencepiece' with data.tokenizer_path, or 'hf'), or give a text corpus")
     if tokenizer is None:
       tokenizer = build_tokenizer(data_config, corpus_text=None)
-    tokens = sources.open_token_file(path, data_config.token_dtype)
+    tokens = (shards.open_token_glob(path, data_config.token_dtype) if glob.has_magic(path)
+              else sources.open_token_file(path, data_config.token_dtype))
     sources.check_token_ids(tokens, tokenizer.vocab_size, path)
     vocab_check = tokenizer.vocab_size
     if data_config.val_path:
@@ -142,6 +161,20 @@ def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
                             f"'{tokenizer.kind}' has none (use data.tokenizer='sentencepiece')")
   return TokenDataset(train=train, val=val, tokenizer=tokenizer, seq_len=data_config.seq_len,
                       seed=seed, eos_id=eos, vocab_size=vocab_check)
+
+
+def load_prepared(path: str, data_config, seed: int, tokenizer=None) -> TokenDataset:
+  """A directory written by `python -m llmjax.data.prepare`: only the manifest is read here."""
+  manifest = shards.read_manifest(path)
+  tokenizer = shards.run_tokenizer(path, manifest, data_config, tokenizer)
+  eos = tokenizer.eos_id if data_config.packing else None
+  if data_config.packing and eos is None:
+    raise sources.DataError(f"data.packing=True needs a tokenizer with an end-of-document token; "
+                            f"{path} was prepared with '{tokenizer.kind}', which has none")
+  return TokenDataset(train=shards.open_split(path, manifest, "train"),
+                      val=shards.open_split(path, manifest, "val"), tokenizer=tokenizer,
+                      seq_len=data_config.seq_len, seed=seed, eos_id=eos,
+                      max_token_id=manifest["max_token_id"])
 
 
 def corpus_fingerprint(dataset: TokenDataset) -> int:
