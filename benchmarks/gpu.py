@@ -20,7 +20,8 @@ A case that fails (e.g. out of memory on a smaller GPU) is reported as failed, a
 
 Dependencies. The GPU image this was written for has jax (CUDA), flax, optax, orbax, absl and
 sentencepiece but not ml_collections (llmjax's config) or tensorboardX. tensorboardX is optional:
-llmjax imports it only when a training run writes TensorBoard files, which this script never does.
+llmjax imports it only when a training run writes TensorBoard files (this script never does; a
+training run without it notes so once and writes metrics.jsonl alone).
 ml_collections (pure Python; it needs PyYAML) travels as wheels. On a machine with network:
 
   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \\
