@@ -13,6 +13,10 @@ absolute positions in a preallocated per-layer cache, so no example ever attends
 cache is only as long as the generation needs (not the model's whole context) and carries the
 same logical shardings as the parameters, so decoding runs unchanged on a device mesh.
 
+Past the model's context (prompt + continuation longer than `max_seq_len`), each further token is
+drawn from a forward pass over the sequence's last `max_seq_len` tokens, as nanoGPT's sample.py
+does (see "past the context" below); the tokens that fit still come from the KV cache.
+
 Decoding runs the model's per-layer path (see llmjax.model.transformer): the stacked layer weights
 are split into per-layer arrays once per call (`decode_params`), and each layer has its own cache
 arrays, which the decode step updates in place. This costs one extra copy of the layer weights
@@ -208,24 +212,27 @@ class _Batch:
   cache_len: int
 
 
-def _prepare(model, prompts, max_new_tokens: int, mesh) -> _Batch:
-  """`mesh`: a Mesh or None (the caller's, not the placement pair)."""
+def _check(prompts, max_new_tokens: int) -> None:
   if not prompts:
     raise GenerateError("no prompts given")
   if max_new_tokens < 1:
     raise GenerateError(f"max_new_tokens={max_new_tokens} must be at least 1")
-  lengths = [len(p) for p in prompts]
-  if min(lengths) < 1:
+  if min(len(p) for p in prompts) < 1:
     raise GenerateError("every prompt needs at least one token")
+
+
+def _cached_count(model, prompts, max_new_tokens: int) -> int:
+  """How many of the new tokens the KV cache serves: all of them when prompt + continuation fit
+  the context; otherwise those drawn before the longest sequence fills it (0 for a prompt already
+  longer than the context). The rest slide the window (see "past the context" below)."""
   context = model.cfg.max_seq_len
   # The last sampled token is never fed back, so it needs no cache slot.
-  needed = max(lengths) + max_new_tokens - 1
-  if needed > context:
-    raise GenerateError(
-        f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-        f"context of {context} tokens; shorten the prompt or lower max_new_tokens")
-  cache_len = min(context, _round_up(needed, CACHE_BUCKET))
-  width = min(cache_len, _round_up(max(lengths), CACHE_BUCKET))
+  return max(0, min(max_new_tokens, context - max(len(p) for p in prompts) + 1))
+
+
+def _pad_rows(prompts, width: int, mesh):
+  """Right-padded [rows, width] tokens and [rows] lengths, rows rounded up to the mesh's batch
+  shards (filler rows repeat the first prompt), placed on the mesh."""
   rows = _round_up(len(prompts), _batch_shards(mesh))
   padded = np.zeros((rows, width), np.int32)
   lens = np.ones(rows, np.int32)
@@ -238,6 +245,19 @@ def _prepare(model, prompts, max_new_tokens: int, mesh) -> _Batch:
   if mesh is not None:
     tokens = jax.device_put(tokens, shd.batch_sharding(mesh, 2))
     lens = jax.device_put(lens, shd.batch_sharding(mesh, 1))
+  return tokens, lens
+
+
+def _prepare(model, prompts, max_new_tokens: int, mesh) -> _Batch:
+  """`mesh`: a Mesh or None (the caller's, not the placement pair). The request must fit the
+  context (callers cut it with _cached_count)."""
+  _check(prompts, max_new_tokens)
+  context = model.cfg.max_seq_len
+  needed = max(len(p) for p in prompts) + max_new_tokens - 1
+  assert needed <= context, (needed, context)
+  cache_len = min(context, _round_up(needed, CACHE_BUCKET))
+  width = min(cache_len, _round_up(max(len(p) for p in prompts), CACHE_BUCKET))
+  tokens, lens = _pad_rows(prompts, width, mesh)
   return _Batch(tokens, lens, len(prompts), cache_len)
 
 
@@ -261,19 +281,40 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
 
   `sampler` (or temperature=, top_k=, top_p= keywords) picks tokens; `mesh` runs on a device mesh
   (params should already carry their shardings, e.g. from llmjax.runs.load_run) with the logical
-  axis `rules` of the run (default: the default config's).
+  axis `rules` of the run (default: the default config's). Prompt + continuation may be longer
+  than the model's context: past it, each token sees the last `max_seq_len` tokens (see below).
   """
   sampler = sampler or Sampler(**sampling)
-  batch = _prepare(model, prompts, max_new_tokens, mesh)
-  out, steps, record = _generate_on_device(
-      model, _placement(mesh, rules), sampler.static, batch.cache_len, max_new_tokens, return_logits, params,
-      batch.tokens, batch.lengths, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
-      sampler.dynamic())
-  steps = int(steps)
-  out = np.asarray(out)[: batch.size, :steps]
-  tokens = [_cut_at_eos(row.tolist(), eos_id) for row in out]
-  logits = None if record is None else np.asarray(record)[: batch.size, :steps]
-  return Generation(tokens, logits)
+  _check(prompts, max_new_tokens)
+  placement = _placement(mesh, rules)
+  key, eos = jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id)
+  cached = _cached_count(model, prompts, max_new_tokens)
+  if cached < max_new_tokens:
+    params = decode_params(params)  # split once for both programs below
+  rows = [[] for _ in prompts]
+  logits = []
+  if cached:
+    batch = _prepare(model, prompts, cached, mesh)
+    out, steps, record = _generate_on_device(
+        model, placement, sampler.static, batch.cache_len, cached, return_logits, params,
+        batch.tokens, batch.lengths, key, eos, sampler.dynamic())
+    steps = int(steps)
+    rows = np.asarray(out)[: len(prompts), :steps].tolist()
+    if record is not None:
+      logits.append(np.asarray(record)[: len(prompts), :steps])
+  done = [eos_id is not None and eos_id in row for row in rows]
+  if cached < max_new_tokens and not all(done):
+    tokens, lengths, width = _window_rows(model, prompts, rows, max_new_tokens, mesh)
+    out, steps, record = _slide_on_device(
+        model, placement, sampler.static, cached, max_new_tokens, return_logits, params, tokens,
+        lengths, key, eos, _padded_flags(done, tokens.shape[0], mesh), sampler.dynamic())
+    steps = int(steps)
+    for row, new in zip(rows, np.asarray(out)[: len(prompts), : steps - cached].tolist()):
+      row.extend(new)
+    if record is not None:
+      logits.append(np.asarray(record)[: len(prompts), : steps - cached])
+  tokens = [_cut_at_eos(row, eos_id) for row in rows]
+  return Generation(tokens, np.concatenate(logits, axis=1) if return_logits else None)
 
 
 def _cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
@@ -287,30 +328,136 @@ def stream_tokens(model, params, prompts: Sequence[Sequence[int]], max_new_token
                   mesh=None, rules=None, **sampling) -> Iterator[np.ndarray]:
   """Yields every sequence's next token ([batch] ints) once per decoding step, as soon as it is
   known; stops after max_new_tokens or when every sequence has produced eos_id. The tokens equal
-  `generate`'s for the same arguments. Closing the generator early stops the decoding."""
+  `generate`'s for the same arguments (also past the context). Closing the generator early stops
+  the decoding."""
   sampler = sampler or Sampler(**sampling)
-  batch = _prepare(model, prompts, max_new_tokens, mesh)
+  _check(prompts, max_new_tokens)
   key = jax.random.key(seed)
   static, dynamic = sampler.static, sampler.dynamic()
   placement = _placement(mesh, rules)
   params = decode_params(params)
-  token, _, cache = prefill(model, placement, static, batch.cache_len, params, batch.tokens,
-                            batch.lengths, key, dynamic)
-  position = batch.lengths
-  done = np.zeros(batch.size, bool)
-  for i in range(1, max_new_tokens + 1):
-    if i < max_new_tokens:  # queue the next step before waiting for this token
-      upcoming, _, cache = decode_step(model, placement, static, params, cache, token, position, key,
-                                       jnp.int32(i), dynamic)
-      position = position + 1
-    host = np.asarray(token)[: batch.size]
-    yield host
+  cached = _cached_count(model, prompts, max_new_tokens)
+  rows = [[] for _ in prompts]
+  done = np.zeros(len(prompts), bool)
+
+  def emit(host):
+    nonlocal done
+    for row, t in zip(rows, host.tolist()):
+      row.append(t)
     if eos_id is not None:
       done |= host == eos_id
+    return host
+
+  if cached:
+    batch = _prepare(model, prompts, cached, mesh)
+    token, _, cache = prefill(model, placement, static, batch.cache_len, params, batch.tokens,
+                              batch.lengths, key, dynamic)
+    position = batch.lengths
+    for i in range(1, cached + 1):
+      if i < cached:  # queue the next step before waiting for this token
+        upcoming, _, cache = decode_step(model, placement, static, params, cache, token, position,
+                                         key, jnp.int32(i), dynamic)
+        position = position + 1
+      yield emit(np.asarray(token)[: batch.size])
       if done.all():
         return
+      if i < cached:
+        token = upcoming
+    del cache
+  if cached == max_new_tokens:
+    return
+  tokens, lengths, _ = _window_rows(model, prompts, rows, max_new_tokens, mesh)
+  token, _, tokens = window_step(model, placement, static, params, tokens, lengths, key,
+                                 jnp.int32(cached), dynamic)
+  for i in range(cached + 1, max_new_tokens + 1):
+    if i < max_new_tokens:  # as above: the next window is queued before this token is read
+      upcoming, _, tokens = window_step(model, placement, static, params, tokens, lengths, key,
+                                        jnp.int32(i), dynamic)
+    yield emit(np.asarray(token)[: len(prompts)])
+    if done.all():
+      return
     if i < max_new_tokens:
       token = upcoming
+
+
+# -- past the context: a sliding window ------------------------------------------------------------
+# Once a sequence is longer than the model's context, each next token is drawn from a forward pass
+# over the sequence's last `max_seq_len` tokens at positions 0..max_seq_len-1, as nanoGPT's
+# sample.py does. The window is recomputed for every token, for learned and rotary positions
+# alike: a rolling KV cache would keep keys computed while older tokens were still in view, so past
+# the first layer it would not equal the window's own forward pass. Recomputing costs a forward
+# over the window per token (the tokens that fit the context still come from the KV cache).
+def _window_rows(model, prompts, rows, max_new_tokens: int, mesh):
+  """Every sequence so far (prompt + tokens generated) in a buffer wide enough for the whole
+  generation -> (tokens [rows, width], lengths [rows], width)."""
+  width = max(model.cfg.max_seq_len, max(len(p) for p in prompts) + max_new_tokens)
+  tokens, lengths = _pad_rows([list(p) + list(r) for p, r in zip(prompts, rows)], width, mesh)
+  return tokens, lengths - len(rows[0]), width  # lengths of the prompts alone
+
+
+def _padded_flags(flags, rows: int, mesh):
+  flags = np.asarray(list(flags) + [True] * (rows - len(flags)), bool)  # filler rows: done
+  out = jnp.asarray(flags)
+  return out if mesh is None else jax.device_put(out, shd.batch_sharding(mesh, 1))
+
+
+def _window_logits(model, mesh, params, tokens, known):
+  """Logits after each sequence's last known token (`known` [rows] tokens so far), from its
+  window of the last max_seq_len tokens (the whole sequence while it is shorter)."""
+  context = model.cfg.max_seq_len
+  start = jnp.maximum(known - context, 0)
+  windows = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (context,)))(tokens, start)
+  logits, _ = _prefill(model, mesh, context, params, windows, known - start)
+  return logits
+
+
+def _window_sample(model, mesh, sampler, params, tokens, lengths, key, index, sampling):
+  """Draws token number `index` (each sequence holds its prompt + `index` tokens) and appends it."""
+  known = lengths + index
+  logits = _window_logits(model, mesh, params, tokens, known)
+  token = sample(jax.random.fold_in(key, index), logits, sampler, sampling)
+  tokens = jax.vmap(lambda row, t, at: jax.lax.dynamic_update_slice(row, t[None], (at,)))(
+      tokens, token, known)
+  return token, logits, tokens
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "sampler"), donate_argnames=("tokens",))
+def window_step(model, mesh, sampler, params, tokens, lengths, key, index, sampling):
+  """One sliding-window step for streaming: -> (token [rows], its logits, tokens with it written).
+  `lengths` are the prompts' lengths; `tokens` hold prompt + `index` generated tokens per row."""
+  return _window_sample(model, mesh, sampler, params, tokens, lengths, key, index, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "sampler", "first", "max_new_tokens",
+                                             "return_logits"))
+def _slide_on_device(model, mesh, sampler, first, max_new_tokens, return_logits, params, tokens,
+                     lengths, key, eos_id, done, sampling):
+  """Tokens number first..max_new_tokens-1 by sliding windows, as one program (a while_loop that
+  also ends once every sequence has emitted eos_id). -> (tokens [rows, n], steps, logits or None)."""
+  params = unstack_layers(params)
+  rows, count = tokens.shape[0], max_new_tokens - first
+  out = jnp.zeros((rows, count), jnp.int32)
+  record = None
+  if return_logits:
+    record = jnp.zeros((rows, count, model.cfg.vocab_size), jnp.dtype(model.cfg.logits_dtype))
+
+  def cond(carry):
+    i, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, tokens, out, record, done = carry
+    token, logits, tokens = _window_sample(model, mesh, sampler, params, tokens, lengths, key, i,
+                                           sampling)
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i - first))
+    if record is not None:
+      record = jax.lax.dynamic_update_slice(record, logits[:, None].astype(record.dtype),
+                                            (0, i - first, 0))
+    return i + 1, tokens, out, record, done | (token == eos_id)
+
+  steps, _, out, record, _ = jax.lax.while_loop(cond, body, (jnp.int32(first), tokens, out, record,
+                                                             done))
+  return out, steps, record
 
 
 # -- text ------------------------------------------------------------------------------------------
@@ -399,7 +546,6 @@ def sample_text(model, params, tokenizer, prompt: str, max_new_tokens: int,
                 temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
   """Prompt text in, prompt + continuation text out (used for the end-of-training sample)."""
   ids = tokenizer.encode(prompt) or [0]
-  max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(ids) + 1)
   out = generate(model, params, [ids], max_new_tokens, temperature=temperature, top_k=top_k,
                  seed=seed, eos_id=tokenizer.eos_id).tokens[0]
   if tokenizer.eos_id is not None and out and out[-1] == tokenizer.eos_id:

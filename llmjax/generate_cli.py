@@ -84,12 +84,9 @@ def main(argv):
     if len(ids) > context and not FLAGS.truncate_prompt:
       fail(f"the prompt has {len(ids)} tokens but the model's context is {context}; shorten it or "
            "pass --truncate_prompt to keep its last tokens")
-    if len(ids) > context:  # keep the prompt's end, leaving room for the requested tokens
-      ids = ids[-max(1, context - max_new + 1):]
-    if len(ids) + max_new - 1 > context:
-      max_new = context - len(ids) + 1
-      print(f"llmjax: note: max_new_tokens lowered to {max_new} to fit the context of {context} "
-            "tokens", file=sys.stderr)
+    if len(ids) > context:  # keep the prompt's end: only the last `context` tokens are ever seen
+      ids = ids[-context:]
+    # Past the context, generation slides its window (llmjax.generate), so max_new is not capped.
     eos_id = None if FLAGS.ignore_eos else tokenizer.eos_id
     prompts = [ids] * FLAGS.num_samples
     steps = gen.stream_tokens(model, params, prompts, max_new, sampler=sampler, seed=FLAGS.seed,

@@ -84,8 +84,14 @@ class MetricsWriter:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")
       if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        try:  # optional: metrics.jsonl holds every figure; TensorBoard only mirrors it
+          from tensorboardX import SummaryWriter
+        except ImportError:
+          print("llmjax: note: tensorboardX is not installed; writing metrics.jsonl without "
+                "TensorBoard event files (pip install tensorboardX, or set "
+                "train.tensorboard=False to silence this)", flush=True)
+        else:
+          self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: dict, prefix: str = "train") -> None:
     if not self.enabled:

@@ -142,16 +142,62 @@ def test_eos_stops_each_sequence_and_the_loop():
   assert alone.logits.shape[1] == len(alone.tokens[0]) == free[0].index(eos) + 1 < N
 
 
-def test_too_long_prompt_is_an_error_or_truncated_from_the_left():
-  model, params = init(LLAMA)
+def test_fit_prompt_is_an_error_or_truncated_from_the_left():
   long = list(range(1, 45)) * 2
-  with pytest.raises(gen.GenerateError, match="context"):
-    run(model, params, [long])
   with pytest.raises(gen.GenerateError, match="truncate_prompt"):
     gen.fit_prompt(long, 48, N)
   ids = gen.fit_prompt(long, 48, N, truncate=True)
   assert ids == long[-(48 - N + 1):]
-  assert len(run(model, params, [ids], temperature=0.0).tokens[0]) == N
+
+
+def window_reference(model, params, prompt, n):
+  """Greedy tokens and their logits by direct recomputation: each token from a plain forward pass
+  over the sequence's last max_seq_len tokens (nanoGPT's sample.py loop)."""
+  ids, logits = list(prompt), []
+  for _ in range(n):
+    row = full_logits(model, params, ids[-model.cfg.max_seq_len:])[-1]
+    logits.append(row)
+    ids.append(int(np.argmax(row)))
+  return ids[len(prompt):], np.stack(logits)
+
+
+PAST = 70  # new tokens past the context of 48, from prompts of 3, 9 and 1 tokens
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])  # learned and rotary positions
+def test_generation_past_the_context_equals_recomputing_the_window(name):
+  model, params = init(VARIANTS[name])
+  out = gen.generate(model, params, PROMPTS, PAST, temperature=0.0, return_logits=True)
+  assert out.logits.shape == (len(PROMPTS), PAST, model.cfg.vocab_size)
+  for b, prompt in enumerate(PROMPTS):
+    assert len(out.tokens[b]) == PAST and len(prompt) + PAST > model.cfg.max_seq_len
+    tokens, logits = window_reference(model, params, prompt, PAST)
+    assert out.tokens[b] == tokens
+    np.testing.assert_allclose(out.logits[b], logits, atol=1e-4, rtol=0)
+
+
+def test_prompt_longer_than_the_context_slides_from_its_last_window():
+  model, params = init(LLAMA)
+  long = [(7 * i) % 61 for i in range(90)]
+  out = gen.generate(model, params, [long, [3]], N, temperature=0.0).tokens
+  assert out[0] == window_reference(model, params, long, N)[0]
+  # Only the last max_seq_len tokens are ever seen: cropping the prompt changes nothing.
+  assert gen.generate(model, params, [long[-48:]], N, temperature=0.0).tokens[0] == out[0]
+
+
+def test_streaming_and_eos_past_the_context_equal_the_on_device_loop():
+  model, params = init(LLAMA)
+  whole = gen.generate(model, params, PROMPTS, PAST, **SAMPLED, seed=3).tokens
+  steps = np.stack(list(gen.stream_tokens(model, params, PROMPTS, PAST, **SAMPLED, seed=3)), axis=1)
+  assert steps.tolist() == whole
+  # An end token first drawn in the sliding part (the cache serves the first 40 tokens).
+  cached = 48 - max(map(len, PROMPTS)) + 1
+  eos = next(t for t in whole[0][cached:] if all(t not in row[:cached] for row in whole))
+  out = gen.generate(model, params, PROMPTS, PAST, **SAMPLED, seed=3, eos_id=eos).tokens
+  for row, ref in zip(out, whole):
+    assert row == (ref[: ref.index(eos) + 1] if eos in ref else ref)
+  streamed = list(gen.stream_tokens(model, params, PROMPTS, PAST, **SAMPLED, seed=3, eos_id=eos))
+  assert len(streamed) == max(len(row) for row in out)
 
 
 class _Tok(CharTokenizer):
@@ -272,10 +318,11 @@ def test_cli_errors_are_one_line(run_dir):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("llmjax: error:") and "--truncate_prompt" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
-  proc = _cli(f"--workdir={workdir}", "--prompt=" + "ab" * 30, "--max_new_tokens=5",
+  # Truncated to the context of 48, then 60 new tokens: the window slides past the context.
+  proc = _cli(f"--workdir={workdir}", "--prompt=" + "ab" * 30, "--max_new_tokens=60",
               "--truncate_prompt", "--print_ids", "--temperature=0", "--quantize=int8")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert len(proc.stdout.strip().split(",")) == 5
+  assert len(proc.stdout.strip().split(",")) == 60
 
 
 @pytest.mark.slow
@@ -284,3 +331,20 @@ def test_cli_rejects_bad_options_in_one_line(run_dir):
     proc = _cli(f"--workdir={run_dir[0]}", bad)
     assert proc.returncode == 2 and proc.stderr.startswith("llmjax: error:"), (bad, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_default_job_sample_has_the_requested_length_past_the_context(tmp_path):
+  """The README's first command (experiments/shakespeare_char.py) on tiny shapes: the end-of-training
+  sample.txt holds the prompt plus every requested character, 3x the model's context."""
+  workdir = tmp_path / "run"
+  proc = run_cli(["-m", "llmjax.main", "--config=experiments/shakespeare_char.py",
+                  f"--workdir={workdir}", "--config.model.num_layers=2", "--config.model.embed_dim=32",
+                  "--config.model.num_heads=2", "--config.data.seq_len=32",
+                  "--config.model.max_seq_len=32", "--config.data.batch_size=6",
+                  "--config.train.steps=3", "--config.train.eval_every=3",
+                  "--config.train.eval_batches=1", "--config.train.checkpoint_every=3",
+                  "--config.train.sample_tokens=96", "--config.train.sample_prompt=ROMEO:",
+                  "--config.train.progress=False"], timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = (workdir / "sample.txt").read_text(encoding="utf-8")
+  assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 96, repr(text)

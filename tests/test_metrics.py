@@ -50,3 +50,15 @@ def test_writer_jsonl_tensorboard_and_plot(tmp_path):
   disabled = metrics.MetricsWriter(str(tmp_path / "other"), enabled=False)
   disabled.write(1, {"loss": 1.0})
   assert not (tmp_path / "other").exists()
+
+
+def test_writer_without_tensorboardx_writes_jsonl_and_a_note(tmp_path, monkeypatch, capsys):
+  """tensorboardX is optional (GPU images may lack it): the writer says so once and goes on."""
+  import sys
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes `import tensorboardX` fail
+  writer = metrics.MetricsWriter(str(tmp_path), tensorboard=True)
+  writer.write(1, {"loss": 2.5})
+  writer.close()
+  assert "tensorboardX is not installed" in capsys.readouterr().out
+  assert json.loads((tmp_path / metrics.METRICS_FILE).read_text())["loss"] == 2.5
+  assert not (tmp_path / "tensorboard").exists()
