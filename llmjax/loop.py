@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
 from llmjax import evaluate as evallib
+from llmjax import memory
 from llmjax import metrics as mlib
 from llmjax import preemption
 from llmjax import program as programlib
@@ -79,11 +80,14 @@ class Run:
     self.tokenizer_item = ckpt.tokenizer_item(self.tokenizer) if self.is_writer else None
     if self.is_writer and not resuming:
       self.tokenizer.save(self.workdir)
-    if self.is_writer:
-      _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
 
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
-    self.program = programlib.build(config, shd.make_mesh(config), self.model_config)
+    # Compiles the step once to refuse (or, with grad_accum_steps=auto, fit) a step that cannot
+    # fit the device, before anything is allocated; jit reuses that executable for step one.
+    batch_keys = self.dataset.batch("train", 0, config.data.batch_size).keys()
+    self.program = memory.fit(config, shd.make_mesh(config), self.model_config, batch_keys, log)
+    if self.is_writer:  # after 'auto' is resolved: the file says what actually trains
+      _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
     prog = self.program
     self.model, self.mesh, self.rules = prog.model, prog.mesh, prog.rules
     self.optimizer, self.schedule = prog.optimizer, prog.schedule

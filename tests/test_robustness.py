@@ -336,3 +336,47 @@ def test_bad_input_is_one_line_exit_2_no_traceback(case, tmp_path, trained):
   assert expected in line, line
   for path, content in before.items():  # nothing the user had was changed
     assert path.read_bytes() == content, path
+
+
+# -- 13. a step that cannot fit the device ----------------------------------------------------------
+
+def test_step_that_cannot_fit_is_refused_before_its_first_step(tmp_path):
+  w = tmp_path / "run"
+  t0 = time.time()
+  r = u.train(w, "--config.train.steps=2", "--config.train.device_memory=300000", check=False)
+  line = one_line_error(r)
+  assert "the train step needs" in line and "but the device has 0.3 MiB (train.device_memory)" in line
+  assert "grad_accum_steps=auto" in line and "remat_policy" in line
+  assert not (w / "metrics.jsonl").exists() and u.complete_steps(w) == []  # no step ran
+  assert time.time() - t0 < 120
+
+
+def test_grad_accum_auto_picks_the_smallest_accumulation_that_fits():
+  from llmjax import config as cfglib
+  from llmjax import memory
+  from llmjax import sharding as shd
+  c = cfglib.default_config()
+  c.model.update(num_layers=1, num_heads=2, embed_dim=32, max_seq_len=64)
+  c.data.update(seq_len=64, batch_size=32)
+  c.train.update(grad_accum_steps=1)
+  mesh = shd.make_mesh(c)
+  model_config = cfglib.model_config(c, 64)
+  sizes = {a: memory.step_memory(memory.programlib.build(
+      _with_accum(c, a), mesh, model_config), ())["peak_bytes"] for a in (1, 2, 4, 8)}
+  assert sizes[1] > sizes[2] > sizes[4] > sizes[8]  # micro-batches shrink the temporaries
+  limit = (sizes[4] + sizes[2]) // 2  # 4 micro-batches fit, 2 do not
+  c.train.update(grad_accum_steps=0, device_memory=limit)
+  logs = []
+  program = memory.fit(c, mesh, model_config, (), logs.append)
+  assert c.train.grad_accum_steps == 4 and "4 micro-batches of 8 sequences fit" in logs[0]
+  assert memory.step_memory(program, ())["peak_bytes"] <= limit
+  c.train.update(grad_accum_steps=0, device_memory=sizes[8] // 4)
+  with pytest.raises(memory.cfglib.ConfigError, match="does not fit even with "
+                     "train.grad_accum_steps=32"):
+    memory.fit(c, mesh, model_config, (), logs.append)
+
+
+def _with_accum(config, accum):
+  c = config.copy_and_resolve_references()
+  c.train.grad_accum_steps = accum
+  return c
