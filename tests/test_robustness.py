@@ -380,3 +380,39 @@ def _with_accum(config, accum):
   c = config.copy_and_resolve_references()
   c.train.grad_accum_steps = accum
   return c
+
+
+# -- 14. the progress bar counts finished steps -----------------------------------------------------
+
+class _Pending:
+  """A step's metric that finishes when the test says so (as a device would, later)."""
+  def __init__(self):
+    self.ready = False
+
+  def is_ready(self):
+    return self.ready
+
+
+class _Bar:
+  def __init__(self):
+    self.n = 0
+
+  def update(self, k):
+    self.n += k
+
+
+def test_progress_advances_on_finished_steps_not_dispatched_ones():
+  from llmjax.loop import InFlight
+  bar, seen = _Bar(), []
+  inflight = InFlight(bar, lambda metrics, step: seen.append(step))
+  steps = {s: _Pending() for s in range(1, 11)}
+  for s, p in steps.items():  # ten steps dispatched, none finished: nothing to show yet
+    inflight.add(s, {"nonfinite_streak": p})
+    inflight.retire()
+  assert bar.n == 0 and seen == []
+  for s in (1, 2, 3, 5):  # finished out of order: only the in-order prefix counts
+    steps[s].ready = True
+  inflight.retire()
+  assert bar.n == 3 and seen == [1, 2, 3]
+  inflight.retire(upto=7)  # a metrics fetch at step 7 waits for it: 4..7 are done
+  assert bar.n == 7 and seen == [1, 2, 3, 4, 5, 6, 7]
