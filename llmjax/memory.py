@@ -65,6 +65,17 @@ def device_limit(config) -> tuple[int | None, str]:
   return None, "unknown"
 
 
+def agreed_limit(limit: int | None) -> int | None:
+  """The smallest limit over all processes (hosts may have different free memory, and every
+  process must compile the same step); None if any process cannot tell."""
+  if jax.process_count() == 1:
+    return limit
+  import numpy as np
+  from jax.experimental import multihost_utils
+  values = np.asarray(multihost_utils.process_allgather(np.int64(-1 if limit is None else limit)))
+  return None if (values < 0).any() else int(values.min())
+
+
 def step_memory(program, batch_keys) -> dict | None:
   """Per-device bytes of the compiled train step (None when the backend gives no analysis)."""
   from llmjax import plan
@@ -93,6 +104,7 @@ def fit(config, mesh, model_config, batch_keys=(), log=print):
   t = config.train
   auto = t.grad_accum_steps == AUTO
   limit, source = device_limit(config)
+  limit = agreed_limit(limit)
   data_parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
   choices = accumulation_choices(config, data_parallel) if auto else [t.grad_accum_steps]
 
