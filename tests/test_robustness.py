@@ -192,7 +192,7 @@ def test_every_batch_is_checked_against_the_vocabulary():
 
 # -- 7/8. damaged checkpoints and the tokenizer stored with each checkpoint ------------------------
 
-def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_path):
+def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_path, capsys):
   w = copy_run(trained, tmp_path)
   truncate_largest_array_file(w, 6)
   # explicit step: a clear one-line error naming the step, for eval and generate
@@ -202,6 +202,16 @@ def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_
   line = one_line_error(run_cli(["-m", "llmjax.generate", f"--workdir={w}", "--step=6",
                                  "--prompt=a", "--max_new_tokens=2"], env_extra=u.env()))
   assert "checkpoint step 6 in" in line and "is damaged" in line
+  line = one_line_error(u.train(tmp_path / "new", "--config.train.steps=1",
+                                f"--config.train.init_from={w}:6", check=False))
+  assert "checkpoint step 6 in" in line and "is damaged" in line
+  from llmjax import checkpoint as ckpt
+  from llmjax import convert, runs
+  with pytest.raises(ckpt.CheckpointError, match="checkpoint step 6 in .* is damaged"):
+    convert.export_hf(w, tmp_path / "hf", step=6)
+  # without --step, readers use the newest checkpoint that restores and leave the files alone
+  assert runs.load_run(w).step == 3
+  assert "is damaged" in capsys.readouterr().err and (w / "checkpoints" / "6").is_dir()
   # and with the tokenizer file gone too, training resumes from step 3
   (w / "tokenizer.json").unlink()
   r = u.train(w, "--config.train.steps=8", "--config.train.checkpoint_every=3")
