@@ -65,7 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=2000,
       seed=0,
-      grad_accum_steps=1,     # micro-batches per optimizer step
+      grad_accum_steps=1,     # micro-batches per optimizer step; 0 (or 'auto' on the command
+                              # line): the smallest count whose compiled step fits the device
+      device_memory=0,        # bytes per device a train step may use: 0 -> the device's own
+                              # (available host RAM on CPU); -1 disables the check (llmjax/memory.py)
       objective="causal_lm",  # a name in llmjax.objectives (causal_lm, masked_lm needs
                               # model.causal=False, ...)
       mlm_probability=0.15,
@@ -206,8 +209,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _need(flat[name] in options, f"{name}={flat[name]!r} is not one of {', '.join(options)}")
   m, d, t, o = config.model, config.data, config.train, config.optim
   for name in ("model.num_layers", "model.num_heads", "model.embed_dim", "model.max_seq_len",
-               "data.seq_len", "data.batch_size", "train.steps", "train.grad_accum_steps"):
+               "data.seq_len", "data.batch_size", "train.steps"):
     _need(flat[name] > 0, f"{name}={flat[name]} must be positive")
+  _need(t.grad_accum_steps >= 0, f"train.grad_accum_steps={t.grad_accum_steps} must be positive, "
+        "or 0/'auto' (the smallest count that fits the device)")
   kv = m.num_kv_heads or m.num_heads
   _need(m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
         f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}; "
@@ -233,7 +238,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "tokenizer.model> (runs created by `llmjax.convert hf_import` already carry theirs)")
   _need(d.tokenizer != "sentencepiece" or d.tokenizer_path or d.sp_vocab_size >= 16,
         "data.sp_vocab_size must be at least 16 to train a sentencepiece tokenizer")
-  _need(d.batch_size % t.grad_accum_steps == 0,
+  _need(t.grad_accum_steps == 0 or d.batch_size % t.grad_accum_steps == 0,
         f"data.batch_size={d.batch_size} is not divisible by train.grad_accum_steps="
         f"{t.grad_accum_steps}; pick a batch size that is a multiple of it, or set "
         "--config.train.grad_accum_steps to a divisor of it (1: no accumulation)")
@@ -254,8 +259,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if num_devices is not None:
     sizes = mesh_shape(config, num_devices, num_slices)
     batch_shards = sizes["data"] * sizes["fsdp"]
-    micro = d.batch_size // t.grad_accum_steps
-    _need(micro % batch_shards == 0,
+    micro = d.batch_size // max(t.grad_accum_steps, 1)  # 'auto' (0) picks a count that divides
+    _need(t.grad_accum_steps != 0 or d.batch_size % batch_shards == 0,
+          f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
+          f"mesh.data*mesh.fsdp={batch_shards}, so train.grad_accum_steps=auto has no micro-batch "
+          "to choose; make the batch a multiple of it")
+    _need(t.grad_accum_steps == 0 or micro % batch_shards == 0,
           f"the micro-batch data.batch_size/train.grad_accum_steps={micro} is not divisible by the "
           f"data-parallel size mesh.data*mesh.fsdp={batch_shards} (ICI x DCN); make the batch a "
           "multiple of it")

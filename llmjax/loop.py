@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
 from llmjax import evaluate as evallib
+from llmjax import memory
 from llmjax import metrics as mlib
 from llmjax import preemption
 from llmjax import program as programlib
@@ -82,12 +83,15 @@ class Run:
     self.tokenizer_item = ckpt.tokenizer_item(self.tokenizer) if self.is_writer else None
     if self.is_writer and not resuming:
       self.tokenizer.save(self.workdir)
-    if self.is_writer:
-      _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
 
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
     check_token_ids(self.dataset, self.model_config.vocab_size)  # prepared corpora know their max id
-    self.program = programlib.build(config, shd.make_mesh(config), self.model_config)
+    # Compiles the step once to refuse (or, with grad_accum_steps=auto, fit) a step that cannot
+    # fit the device, before anything is allocated; jit reuses that executable for step one.
+    batch_keys = self.dataset.batch("train", 0, config.data.batch_size).keys()
+    self.program = memory.fit(config, shd.make_mesh(config), self.model_config, batch_keys, log)
+    if self.is_writer:  # after 'auto' is resolved: the file says what actually trains
+      _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
     prog = self.program
     self.model, self.mesh, self.rules = prog.model, prog.mesh, prog.rules
     self.optimizer, self.schedule = prog.optimizer, prog.schedule
@@ -408,19 +412,9 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
   delay = float(os.environ.get("LLMJAX_TEST_STEP_DELAY_S", "0") or 0)
   last_log_time, last_log_step = time.perf_counter(), start
   multi_host = jax.process_count() > 1
-  # Steps dispatched but not yet known to have finished (JAX runs ahead of the device): the
-  # progress bar and the non-finite halt look at finished steps only, without waiting for them.
-  inflight: collections.deque = collections.deque()
   halt_early = t.nonfinite_policy == "halt" and not multi_host  # hosts must stop at the same step
-
-  def finished(upto: int = -1) -> None:
-    """Retires the in-flight steps that have finished (and every step <= upto, waiting)."""
-    while inflight and (inflight[0][0] <= upto or inflight[0][1]["nonfinite_streak"].is_ready()):
-      done_step, metrics = inflight.popleft()
-      if progress is not None:
-        progress.update(1)
-      if halt_early:
-        _check_nonfinite(run, metrics, done_step)
+  inflight = InFlight(progress, (lambda m, d: _check_nonfinite(run, m, d)) if halt_early else None)
+  finished = inflight.retire
 
   # host rows of the next steps are read on a background thread while the device computes
   prefetch = Prefetcher(lambda s: run.host_batch("train", s), start, t.steps)
@@ -428,7 +422,7 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
     for step in range(start, t.steps):
       state, pending = run.train_step(state, shd.put_batch(prefetch.get(step), run.mesh))
       done = step + 1
-      inflight.append((done, pending))
+      inflight.add(done, pending)
       finished()
       if delay:
         time.sleep(delay)
@@ -470,6 +464,30 @@ def _closing(prefetch: Prefetcher):
     yield prefetch
   finally:
     prefetch.close()
+
+
+class InFlight:
+  """Steps dispatched but not yet known to have finished: JAX returns from a step call long
+  before the device is done with it (a gpt_small step on a CPU: ten dispatched in four seconds
+  while each takes a minute). The progress bar (its rate and ETA) and the early non-finite check
+  advance only on steps whose metrics are ready, without waiting for them."""
+
+  def __init__(self, progress=None, on_finished=None):
+    self.progress, self.on_finished = progress, on_finished
+    self.pending: collections.deque = collections.deque()
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+
+  def retire(self, upto: int = -1) -> None:
+    """Retires the steps that have finished, in order; every step <= `upto` is waited for."""
+    while self.pending and (self.pending[0][0] <= upto
+                            or self.pending[0][1]["nonfinite_streak"].is_ready()):
+      step, metrics = self.pending.popleft()
+      if self.progress is not None:
+        self.progress.update(1)
+      if self.on_finished is not None:
+        self.on_finished(metrics, step)
 
 
 def _check_nonfinite(run: Run, values: dict, done: int) -> None:

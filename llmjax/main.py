@@ -105,6 +105,9 @@ def parse_flags(argv):
   """absl flag parsing, with a bad --config file or --config.* override reported as one line
   (exit 2): a missing file, a syntax error, get_config() failing (e.g. an unknown :variant)."""
   spec = _config_arg(argv)
+  # grad_accum_steps is an int field; 'auto' is its documented spelling of 0 (see llmjax/memory.py)
+  argv = [a.replace("--config.train.grad_accum_steps=auto", "--config.train.grad_accum_steps=0")
+          if a == "--config.train.grad_accum_steps=auto" else a for a in argv]
   try:
     parsed = FLAGS(argv)
   except flags.Error as e:

@@ -93,22 +93,36 @@ def memory_report(config, mesh, vocab_size: int) -> dict:
   """Compiles the train step on `mesh` (no FLOPs run) and returns per-device byte counts."""
   from llmjax import sharding as shd
 
+  if config.train.grad_accum_steps == 0:  # 'auto' is resolved by training; plan without it
+    config.train.grad_accum_steps = 1
   program = build(config, mesh, vocab_size)
   batch = program.abstract_batch()
   with program.scope():
     compiled = program.train_step.lower(program.abstract_state, batch).compile()
+  report = {"devices": mesh.size, "mesh": dict(mesh.shape),
+            "batch_bytes": shd.bytes_per_device(batch)}
+  memory = compiled_memory(compiled, program)
+  if memory is None:  # no analysis from this backend: shapes only
+    memory = {k: 0 for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                             "generated_code_bytes", "peak_bytes")}
+    memory.update(params_bytes=shd.bytes_per_device(program.abstract_state.params),
+                  optimizer_bytes=shd.bytes_per_device(program.abstract_state.opt_state))
+  report.update(memory)
+  return report
+
+
+def compiled_memory(compiled, program) -> dict | None:
+  """Per-device byte counts of a compiled train step (None if the backend gives none)."""
+  from llmjax import sharding as shd
   stats = compiled.memory_analysis()
   state = program.abstract_state
-  report = {
-      "devices": mesh.size,
-      "mesh": dict(mesh.shape),
-      "params_bytes": shd.bytes_per_device(state.params),
-      "optimizer_bytes": shd.bytes_per_device(state.opt_state),
-      "batch_bytes": shd.bytes_per_device(batch),
-  }
+  report = {"params_bytes": shd.bytes_per_device(state.params),
+            "optimizer_bytes": shd.bytes_per_device(state.opt_state)}
+  if stats is None:
+    return None
   for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                 "temp_size_in_bytes", "generated_code_size_in_bytes"):
-    report[field.replace("_size_in", "")] = int(getattr(stats, field, 0) or 0) if stats else 0
+    report[field.replace("_size_in", "")] = int(getattr(stats, field, 0) or 0)
   # Donated state buffers are reused for the outputs (alias), so the peak is roughly
   # arguments + outputs - aliased + temporaries.
   report["peak_bytes"] = (report["argument_bytes"] + report["output_bytes"]

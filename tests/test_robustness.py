@@ -192,7 +192,7 @@ def test_every_batch_is_checked_against_the_vocabulary():
 
 # -- 7/8. damaged checkpoints and the tokenizer stored with each checkpoint ------------------------
 
-def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_path):
+def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_path, capsys):
   w = copy_run(trained, tmp_path)
   truncate_largest_array_file(w, 6)
   # explicit step: a clear one-line error naming the step, for eval and generate
@@ -202,6 +202,16 @@ def test_truncated_latest_checkpoint_falls_back_and_is_moved_aside(trained, tmp_
   line = one_line_error(run_cli(["-m", "llmjax.generate", f"--workdir={w}", "--step=6",
                                  "--prompt=a", "--max_new_tokens=2"], env_extra=u.env()))
   assert "checkpoint step 6 in" in line and "is damaged" in line
+  line = one_line_error(u.train(tmp_path / "new", "--config.train.steps=1",
+                                f"--config.train.init_from={w}:6", check=False))
+  assert "checkpoint step 6 in" in line and "is damaged" in line
+  from llmjax import checkpoint as ckpt
+  from llmjax import convert, runs
+  with pytest.raises(ckpt.CheckpointError, match="checkpoint step 6 in .* is damaged"):
+    convert.export_hf(w, tmp_path / "hf", step=6)
+  # without --step, readers use the newest checkpoint that restores and leave the files alone
+  assert runs.load_run(w).step == 3
+  assert "is damaged" in capsys.readouterr().err and (w / "checkpoints" / "6").is_dir()
   # and with the tokenizer file gone too, training resumes from step 3
   (w / "tokenizer.json").unlink()
   r = u.train(w, "--config.train.steps=8", "--config.train.checkpoint_every=3")
@@ -336,3 +346,83 @@ def test_bad_input_is_one_line_exit_2_no_traceback(case, tmp_path, trained):
   assert expected in line, line
   for path, content in before.items():  # nothing the user had was changed
     assert path.read_bytes() == content, path
+
+
+# -- 13. a step that cannot fit the device ----------------------------------------------------------
+
+def test_step_that_cannot_fit_is_refused_before_its_first_step(tmp_path):
+  w = tmp_path / "run"
+  t0 = time.time()
+  r = u.train(w, "--config.train.steps=2", "--config.train.device_memory=300000", check=False)
+  line = one_line_error(r)
+  assert "the train step needs" in line and "but the device has 0.3 MiB (train.device_memory)" in line
+  assert "grad_accum_steps=auto" in line and "remat_policy" in line
+  assert not (w / "metrics.jsonl").exists() and u.complete_steps(w) == []  # no step ran
+  assert time.time() - t0 < 120
+
+
+def test_grad_accum_auto_picks_the_smallest_accumulation_that_fits():
+  from llmjax import config as cfglib
+  from llmjax import memory
+  from llmjax import sharding as shd
+  c = cfglib.default_config()
+  c.model.update(num_layers=1, num_heads=2, embed_dim=32, max_seq_len=64)
+  c.data.update(seq_len=64, batch_size=32)
+  c.train.update(grad_accum_steps=1)
+  mesh = shd.make_mesh(c)
+  model_config = cfglib.model_config(c, 64)
+  sizes = {a: memory.step_memory(memory.programlib.build(
+      _with_accum(c, a), mesh, model_config), ())["peak_bytes"] for a in (1, 2, 4, 8)}
+  assert sizes[1] > sizes[2] > sizes[4] > sizes[8]  # micro-batches shrink the temporaries
+  limit = (sizes[4] + sizes[2]) // 2  # 4 micro-batches fit, 2 do not
+  c.train.update(grad_accum_steps=0, device_memory=limit)
+  logs = []
+  program = memory.fit(c, mesh, model_config, (), logs.append)
+  assert c.train.grad_accum_steps == 4 and "4 micro-batches of 8 sequences fit" in logs[0]
+  assert memory.step_memory(program, ())["peak_bytes"] <= limit
+  c.train.update(grad_accum_steps=0, device_memory=sizes[8] // 4)
+  with pytest.raises(memory.cfglib.ConfigError, match="does not fit even with "
+                     "train.grad_accum_steps=32"):
+    memory.fit(c, mesh, model_config, (), logs.append)
+
+
+def _with_accum(config, accum):
+  c = config.copy_and_resolve_references()
+  c.train.grad_accum_steps = accum
+  return c
+
+
+# -- 14. the progress bar counts finished steps -----------------------------------------------------
+
+class _Pending:
+  """A step's metric that finishes when the test says so (as a device would, later)."""
+  def __init__(self):
+    self.ready = False
+
+  def is_ready(self):
+    return self.ready
+
+
+class _Bar:
+  def __init__(self):
+    self.n = 0
+
+  def update(self, k):
+    self.n += k
+
+
+def test_progress_advances_on_finished_steps_not_dispatched_ones():
+  from llmjax.loop import InFlight
+  bar, seen = _Bar(), []
+  inflight = InFlight(bar, lambda metrics, step: seen.append(step))
+  steps = {s: _Pending() for s in range(1, 11)}
+  for s, p in steps.items():  # ten steps dispatched, none finished: nothing to show yet
+    inflight.add(s, {"nonfinite_streak": p})
+    inflight.retire()
+  assert bar.n == 0 and seen == []
+  for s in (1, 2, 3, 5):  # finished out of order: only the in-order prefix counts
+    steps[s].ready = True
+  inflight.retire()
+  assert bar.n == 3 and seen == [1, 2, 3]
+  inflight.retire(upto=7)  # a metrics fetch at step 7 waits for it: 4..7 are done
+  assert bar.n == 7 and seen == [1, 2, 3, 4, 5, 6, 7]
