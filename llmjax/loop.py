@@ -418,7 +418,8 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
 
   # host rows of the next steps are read on a background thread while the device computes
   prefetch = Prefetcher(lambda s: run.host_batch("train", s), start, t.steps)
-  with preemption.StopRequest() as stop, run.program.scope(), _closing(prefetch):
+  with preemption.StopRequest() as stop, run.program.scope(), \
+      contextlib.closing(prefetch):
     for step in range(start, t.steps):
       state, pending = run.train_step(state, shd.put_batch(prefetch.get(step), run.mesh))
       done = step + 1
@@ -456,14 +457,6 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         run.save(state, done)
     finished(upto=t.steps)
   return state, None
-
-
-@contextlib.contextmanager
-def _closing(prefetch: Prefetcher):
-  try:
-    yield prefetch
-  finally:
-    prefetch.close()
 
 
 class InFlight:
