@@ -8,11 +8,17 @@ text sample are switched off so they do not pollute the intervals.
 
 These 2-core machines are shared and noisy, so variants are measured *interleaved*: round 1 runs
 every variant once, round 2 again, ...; the figures are medians over all intervals of all rounds.
-With --nanogpt, benchmarks/nanogpt_reference.py (PyTorch, eager) takes part in the same rounds on
-the shakespeare_char configuration and the JSON reports llmjax's tokens/s relative to it.
+With --nanogpt, nanoGPT's own train.py (../shared/ref/nanoGPT, run from a temporary copy with
+torch's default threads; benchmarks/nanogpt_train.py) takes part in the same rounds on both configs:
+its per-iteration times from its own log, grouped into intervals of the same length as llmjax's.
+Each round reports the ratio nanoGPT ms / llmjax ms from that round's medians; the summary is the
+median ratio over rounds with its min and max. Every round also measures the host's matmul peak
+(fp32, and bf16 x bf16 with float32 accumulation), so MFU is against a peak of the same hour.
+Without ../shared, --nanogpt prints why and measures llmjax alone. --twin adds the older PyTorch
+re-implementation (benchmarks/nanogpt_reference.py) on shakespeare_char.
 
   python benchmarks/train_throughput.py                       # both configs, 3 rounds
-  python benchmarks/train_throughput.py --configs=shakespeare_char --nanogpt --rounds=5
+  python benchmarks/train_throughput.py --nanogpt --rounds=5  # the figures in RESULTS.md
   python benchmarks/train_throughput.py --configs=shakespeare_char \
       --variant=base: --variant=unrolled:model.scan_layers=False     # A/B any config fields
   python benchmarks/train_throughput.py --tiny                # seconds; used by the tests
@@ -44,7 +50,8 @@ CONFIGS = {
     "shakespeare_char": ("experiments/shakespeare_char.py", {}, 50),
     "cpu_6l384": ("experiments/shakespeare_char.py",
                   {"model.num_layers": 6, "model.num_heads": 6, "model.embed_dim": 384,
-                   "model.max_seq_len": 256, "data.seq_len": 256, "data.batch_size": 8}, 5),
+                   "model.max_seq_len": 256, "data.seq_len": 256, "data.batch_size": 8,
+                   "train.grad_accum_steps": 1}, 5),
     # --tiny: a 2-layer model, a few steps; checks the plumbing in seconds.
     "tiny": ("experiments/shakespeare_char.py",
              {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2}, 4),
@@ -156,10 +163,34 @@ def _run_worker(spec: dict, timeout: float) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def host_peak_flops() -> tuple[float, str]:
-  """The host's fp32 matmul peak (both cores), measured once with llmjax.metrics."""
-  from llmjax import metrics as mlib
-  return mlib.measured_cpu_peak_flops(2048), "measured fp32 matmul 2048^2 (llmjax.metrics)"
+def host_peaks(size: int = 2048, repeats: int = 5) -> dict:
+  """The host's matmul peaks now (best of `repeats`, both cores): fp32, and bf16 x bf16 with
+  float32 accumulation (what a bf16 model's matmuls run as)."""
+  import jax
+  import jax.numpy as jnp
+  out = {}
+  for name, dtype, acc in (("fp32", jnp.float32, None), ("bf16_f32acc", jnp.bfloat16, jnp.float32)):
+    a = jnp.ones((size, size), dtype)
+    mm = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=acc))
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      mm(a).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    out[name] = 2 * size**3 / best
+  return out
+
+
+def _run_nanogpt(module, reference, config_name: str, per: int, intervals: int) -> dict:
+  """One whole nanoGPT train.py process: `intervals` intervals of `per` iterations after 5
+  start-up iterations (iteration 0 also runs its evaluation)."""
+  skip = 5
+  result = module.run(reference, module.command(config_name, skip + per * intervals))
+  hp = module.CONFIGS[config_name]
+  return {"step_time_ms": module.interval_ms(result["iters"], per, skip),
+          "wall_s": result["wall_s"], "tokens_per_step": hp["batch_size"] * hp["block_size"],
+          "final_loss": result["iters"][-1][1], "source": str(module.NANOGPT)}
 
 
 def summarize(samples: list[float], tokens_per_step: int, flops_per_token: float | None,
@@ -181,10 +212,11 @@ def main(argv=None) -> dict:
                       help="NAME:key=value,... config overrides measured side by side (repeatable); "
                       "env.VAR=value sets an environment variable (e.g. env.XLA_FLAGS=...)")
   parser.add_argument("--nanogpt", action="store_true",
-                      help="also time benchmarks/nanogpt_reference.py (PyTorch) on shakespeare_char")
+                      help="also run nanoGPT's own train.py (../shared/ref/nanoGPT) in every round")
+  parser.add_argument("--twin", action="store_true",
+                      help="also time benchmarks/nanogpt_reference.py (a PyTorch re-implementation)")
   parser.add_argument("--nanogpt_threads", type=int, default=0,
-                      help="torch threads for the reference (0: torch's default, all cores). On a "
-                      "loaded machine torch's 2-thread OpenMP collapses; 1 thread is robust")
+                      help="torch threads for the twin (0: torch's default, all cores)")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   parser.add_argument("--intervals", type=int, default=3, help="timed log intervals per round")
   parser.add_argument("--data", default=str(SHAKESPEARE) if SHAKESPEARE.exists() else "",
@@ -204,39 +236,70 @@ def main(argv=None) -> dict:
 
   if args.tiny:
     configs, args.rounds, args.intervals = ["tiny"], 1, 2
+    if args.nanogpt:  # a quick check of the nanoGPT plumbing on its smaller config
+      configs = ["shakespeare_char"]
   else:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
   for name in configs:
     if name not in CONFIGS:
       parser.error(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
   variants = [_parse_variant(v) for v in args.variant] or [("llmjax", {})]
-  if args.nanogpt and not args.data:
-    parser.error("--nanogpt needs a text corpus: pass --data=PATH (tiny Shakespeare)")
+  if (args.nanogpt or args.twin) and not args.data:
+    parser.error("--nanogpt/--twin need a text corpus: pass --data=PATH (tiny Shakespeare)")
+  reference = None
+  if args.nanogpt:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import nanogpt_train
+    why = nanogpt_train.available()
+    if why:
+      print(f"note: skipping nanoGPT: {why}", flush=True)
+    else:
+      reference = nanogpt_train.prepare(tempfile.mkdtemp(prefix="llmjax_nanogpt_"))
 
-  peak, peak_source = (args.peak_flops, "--peak_flops") if args.peak_flops else host_peak_flops()
   started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   samples: dict[tuple[str, str], list[float]] = {}
   info: dict[tuple[str, str], dict] = {}
+  rounds: list[dict] = []  # per round: peaks, load, each job's median ms
   for round_index in range(args.rounds):
+    this = {"load": os.getloadavg(), "ms": {}}
+    if not args.peak_flops:
+      this["peaks"] = host_peaks()
+    rounds.append(this)
     for config_name in configs:
       jobs = [(v, {"config": config_name, "overrides": o, "intervals": args.intervals,
                    "data": args.data}) for v, o in variants]
-      if args.nanogpt and config_name == "shakespeare_char":
-        jobs.append(("nanogpt", {"kind": "nanogpt", "intervals": args.intervals, "data": args.data,
-                                 "log_every": CONFIGS[config_name][2],
-                                 "threads": args.nanogpt_threads}))
+      if args.twin and config_name == "shakespeare_char":
+        jobs.append(("twin", {"kind": "nanogpt", "intervals": args.intervals, "data": args.data,
+                              "log_every": CONFIGS[config_name][2],
+                              "threads": args.nanogpt_threads}))
+      if reference is not None and config_name in nanogpt_train.CONFIGS:
+        jobs.append(("nanogpt", {"kind": "nanogpt_train", "config": config_name}))
       for variant_name, spec in jobs:
-        result = _run_worker(spec, timeout=1800)
+        if spec.get("kind") == "nanogpt_train":
+          result = _run_nanogpt(nanogpt_train, reference, config_name, CONFIGS[config_name][2],
+                                args.intervals)
+        else:
+          result = _run_worker(spec, timeout=1800)
         key = (config_name, variant_name)
+        this["ms"][f"{config_name}/{variant_name}"] = statistics.median(result["step_time_ms"])
         samples.setdefault(key, []).extend(result.pop("step_time_ms"))
         info[key] = result
         print(f"round {round_index + 1}/{args.rounds} {config_name:>16} {variant_name:>12}: "
-              f"{statistics.median(samples[key]):8.1f} ms/step (median so far)", flush=True)
+              f"{this['ms'][f'{config_name}/{variant_name}']:8.1f} ms/step this round, "
+              f"{statistics.median(samples[key]):8.1f} median so far (load {this['load'][0]:.1f})",
+              flush=True)
 
+  if args.peak_flops:
+    peak, peak_source, bf16_peak = args.peak_flops, "--peak_flops", None
+  else:
+    peak = statistics.median(r["peaks"]["fp32"] for r in rounds)
+    bf16_peak = statistics.median(r["peaks"]["bf16_f32acc"] for r in rounds)
+    peak_source = "fp32 matmul 2048^2 measured every round (median)"
   report = {"date": started, "machine": f"{os.cpu_count()}-core CPU", "peak_flops": peak,
-            "peak_source": peak_source, "rounds": args.rounds, "intervals_per_round": args.intervals,
+            "peak_source": peak_source, "bf16_f32acc_peak_flops": bf16_peak,
+            "rounds": args.rounds, "intervals_per_round": args.intervals,
             "data": args.data or "embedded corpus", "command": " ".join([sys.executable] + sys.argv),
-            "results": {}}
+            "per_round": rounds, "results": {}}
   for (config_name, variant_name), values in samples.items():
     meta = info[(config_name, variant_name)]
     if "flops_per_token" not in meta:  # nanoGPT: the same architecture, so the same FLOPs
@@ -246,19 +309,38 @@ def main(argv=None) -> dict:
     entry.update({k: v for k, v in meta.items() if k != "tokens_per_step"})
     entry["overrides"] = dict(CONFIGS[config_name][1], **dict(variants).get(variant_name, {}))
     report["results"].setdefault(config_name, {})[variant_name] = entry
-  ref = report["results"].get("shakespeare_char", {}).get("nanogpt")
-  if ref:
-    for name, entry in report["results"]["shakespeare_char"].items():
-      entry["speedup_vs_nanogpt"] = entry["tokens_per_sec"] / ref["tokens_per_sec"]
+  for config_name, entries in report["results"].items():
+    for reference_name in ("nanogpt", "twin"):
+      if reference_name not in entries:
+        continue
+      for name, entry in entries.items():
+        if name in ("nanogpt", "twin"):
+          continue
+        ratios = [r["ms"][f"{config_name}/{reference_name}"] / r["ms"][f"{config_name}/{name}"]
+                  for r in rounds]
+        entry[f"speedup_vs_{reference_name}_per_round"] = ratios
+        entry[f"speedup_vs_{reference_name}"] = statistics.median(ratios)
+    if bf16_peak:
+      for entry in entries.values():
+        if "mfu" in entry:
+          entry["mfu_vs_bf16_peak"] = entry["mfu"] * peak / bf16_peak
 
-  print(f"\npeak {peak / 1e9:.0f} GFLOP/s ({peak_source}); medians of {args.rounds} interleaved rounds")
-  print(f"{'config':>16} {'variant':>12} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'vs nanoGPT':>10}")
+  load = [r["load"][0] for r in rounds]
+  print(f"\npeak {peak / 1e9:.0f} GFLOP/s ({peak_source})"
+        + (f", bf16->fp32 {bf16_peak / 1e9:.0f} GFLOP/s" if bf16_peak else "")
+        + f"; medians of {args.rounds} interleaved rounds; 1-min load {min(load):.1f}-{max(load):.1f}")
+  print(f"{'config':>16} {'variant':>12} {'ms/step':>9} {'min':>7} {'max':>7} {'tokens/s':>10} "
+        f"{'MFU':>7} {'vs nanoGPT (min-max over rounds)':>32}")
   for config_name, entries in report["results"].items():
     for variant_name, e in entries.items():
       mfu = f"{e['mfu']:.1%}" if "mfu" in e else "-"
-      speed = f"{e['speedup_vs_nanogpt']:.2f}x" if "speedup_vs_nanogpt" in e else ""
-      print(f"{config_name:>16} {variant_name:>12} {e['ms_per_step']:9.1f} {e['tokens_per_sec']:10,.0f} "
-            f"{mfu:>7} {speed:>10}")
+      speed = ""
+      for ref_name in ("nanogpt", "twin"):
+        if f"speedup_vs_{ref_name}" in e:
+          per = e[f"speedup_vs_{ref_name}_per_round"]
+          speed += f" {e[f'speedup_vs_{ref_name}']:.2f}x ({min(per):.2f}-{max(per):.2f}) vs {ref_name}"
+      print(f"{config_name:>16} {variant_name:>12} {e['ms_per_step']:9.1f} {e['ms_per_step_min']:7.1f} "
+            f"{e['ms_per_step_max']:7.1f} {e['tokens_per_sec']:10,.0f} {mfu:>7} {speed}")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2))

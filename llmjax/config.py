@@ -60,6 +60,11 @@ def default_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       decay_embeddings=False,  # weight decay on embedding tables (never on norms and biases)
       grad_clip=1.0,           # global-norm clipping; 0 disables
+      # 'adamw', or 'muon' (optax.contrib.muon: Newton-Schulz-orthogonalized momentum on the
+      # layers' weight matrices at muon_lr; AdamW at lr on embeddings, lm head, norms and biases)
+      optimizer="adamw",
+      muon_lr=0.02,
+      muon_momentum=0.95,
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -143,9 +148,11 @@ CHOICES = {
     "model.logits_dtype": ("float32", "bfloat16"),
     "model.remat_policy": tuple(REMAT_POLICIES),
     "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.matmul_dtype": ("compute", "bfloat16"),
     "data.tokenizer": ("char", "byte", "sentencepiece", "hf"),
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.optimizer": ("adamw", "muon"),
     "mesh.distributed.initialize": ("auto", "on", "off"),
     "train.nonfinite_policy": ("skip", "halt"),
 }

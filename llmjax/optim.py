@@ -39,10 +39,43 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
+# Which kernel axes a Muon update orthogonalizes over, by the layer that owns the kernel (its
+# leading axes, e.g. the stacked 'layers' axis, are batch axes: one matrix per layer).
+_ATTENTION_IN = ("query", "key", "value")   # [..., embed, heads, head_dim]
+_ATTENTION_OUT = ("out",)                   # [..., heads, head_dim, embed]
+
+
+def muon_dimension_numbers(params):
+  """Per leaf: MuonDimensionNumbers for a layer's weight matrix, None (-> AdamW) for embeddings,
+  the lm head, norms and biases (as in modded-nanogpt)."""
+  from optax.contrib import MuonDimensionNumbers as Dims
+
+  def decide(path, leaf):
+    names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+    if names[-1] != "kernel" or len(names) < 2 or names[-2] == "lm_head":
+      return None
+    if names[-2] in _ATTENTION_IN:
+      return Dims(reduction_axis=leaf.ndim - 3, output_axis=(leaf.ndim - 2, leaf.ndim - 1))
+    if names[-2] in _ATTENTION_OUT:
+      return Dims(reduction_axis=(leaf.ndim - 3, leaf.ndim - 2), output_axis=leaf.ndim - 1)
+    return Dims(reduction_axis=leaf.ndim - 2, output_axis=leaf.ndim - 1)
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
 def make_optimizer(optim_config, total_steps: int):
   o = optim_config
   schedule = learning_rate_schedule(o, total_steps)
-  adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=lambda p: weight_decay_mask(p, o.decay_embeddings))
+  mask = lambda p: weight_decay_mask(p, o.decay_embeddings)  # noqa: E731
+  if o.get("optimizer", "adamw") == "muon":
+    from optax import contrib
+    ratio = o.muon_lr / o.lr  # the same warmup and decay, scaled to Muon's learning rate
+    main = contrib.muon(lambda step: schedule(step) * ratio, beta=o.muon_momentum,
+                        weight_decay=o.weight_decay, weight_decay_mask=mask,
+                        adam_b1=o.b1, adam_b2=o.b2, adam_learning_rate=schedule,
+                        adam_weight_decay=o.weight_decay,
+                        muon_weight_dimension_numbers=muon_dimension_numbers)
+  else:
+    main = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=mask)
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  return optax.chain(*parts, adamw), schedule
+  return optax.chain(*parts, main), schedule

@@ -79,3 +79,33 @@ def test_gradient_accumulation_equals_one_large_batch():
   assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_muon_orthogonalizes_layer_matrices_and_leaves_the_rest_to_adamw():
+  from llmjax.optim import muon_dimension_numbers
+  cfg = TransformerConfig(vocab_size=32, num_layers=2, num_heads=2, embed_dim=16, max_seq_len=8,
+                          tie_embeddings=False)
+  model = Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))["params"])
+  dims = muon_dimension_numbers(params)
+  layer = dims["layers"]
+  assert layer["attn"]["query"]["kernel"].reduction_axis == 1          # [L, embed, heads, hd]
+  assert layer["attn"]["query"]["kernel"].output_axis == (2, 3)
+  assert layer["attn"]["out"]["kernel"].reduction_axis == (1, 2)       # [L, heads, hd, embed]
+  assert layer["mlp"]["fc"]["kernel"].output_axis == 2
+  assert dims["token_embedding"] is None and dims["lm_head"]["kernel"] is None
+  assert layer["attn_norm"]["scale"] is None
+
+  o = optim_config(optimizer="muon", muon_lr=0.02, lr=1e-3, warmup_steps=0, weight_decay=0.0,
+                   grad_clip=0.0)
+  tx, _ = make_optimizer(o, 100)
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # A layer matrix moves by an (approximately) orthogonal matrix: all singular values alike.
+  fc = np.asarray(updates["layers"]["mlp"]["fc"]["kernel"][0])              # [16, 64]
+  sv = np.linalg.svd(fc, compute_uv=False)
+  assert sv.max() / sv.min() < 2.0 and 0.01 < sv.mean() < 0.1, sv
+  # The embedding gets Adam's (Nesterov) first step: one magnitude, of order lr, on every entry.
+  emb = np.abs(np.asarray(updates["token_embedding"]))
+  np.testing.assert_allclose(emb, emb.flat[0], rtol=1e-3)
+  assert 1e-3 <= emb.flat[0] < 2e-3

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from llmjax.model.attention import Attention
 from llmjax.model.config import TransformerConfig
 from llmjax.model.layers import (DenseGeneral, Mlp, Norm, constrain, dense_weight, embedding_rows,
-                                 logical_init)
+                                 logical_init, matmul)
 
 # Which intermediate values a rematerialized block keeps for the backward pass.
 REMAT_POLICIES = {
@@ -87,7 +87,11 @@ class Transformer(nn.Module):
       return self._classify(pool_hidden(x, segment_ids, cfg.causal))
 
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, dense_weight(embedding, cfg.compute_dtype, x))
+      table = dense_weight(embedding, cfg.compute_dtype, x)
+      if cfg.matmul_dtype == "compute":
+        logits = jnp.einsum("btd,vd->btv", x, table)
+      else:
+        logits = matmul(cfg, x.reshape(batch * length, -1), table.T).reshape(batch, length, -1)
     else:
       logits = DenseGeneral(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
     logits = constrain(logits, ("batch", "length", "vocab"))
