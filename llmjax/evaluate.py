@@ -89,3 +89,8 @@ def format_result(result: dict) -> str:
   extra = ", ".join(f"{k} {result[k]:.4f}" for k in ("bpc", "bpb") if k in result)
   return (f"step {result['step']}: val loss {result['loss']:.6f}, perplexity "
           f"{result['perplexity']:.3f}, {extra}")
+
+
+if __name__ == "__main__":  # `python -m llmjax.evaluate`: the task runner (llmjax/eval/cli.py)
+  from llmjax.eval.cli import run
+  run()

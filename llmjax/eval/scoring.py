@@ -122,19 +122,24 @@ class Scorer:
                                  place(weights))
     return np.asarray(sums)[: len(rows)], np.asarray(greedy)[: len(rows)]
 
-  def rolling_loglikelihood(self, tokens: Sequence[int], prefix: int | None) -> tuple[float, int]:
-    """(sum of log-probs, number of tokens scored) of a whole token sequence of any length, in
-    disjoint windows of the context: each window predicts the next max_seq_len tokens given as
-    much preceding text as fits. With a `prefix` token (EOS: how training separates documents)
-    the first token is scored given it; without one the first token is not scored."""
+  def rolling_requests(self, tokens: Sequence[int], prefix: int | None
+                       ) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """The (context, continuation) requests that score a whole token sequence of any length, and
+    how many tokens they score: disjoint windows of the context, each predicting the next
+    max_seq_len tokens given as much preceding text as fits. With a `prefix` token (EOS: how
+    training separates documents) the first token is scored given it; without one the first
+    token is not scored."""
     seq = ([prefix] if prefix is not None else []) + list(tokens)
-    if len(seq) < 2:
-      return 0.0, 0
     requests = []
     for a in range(1, len(seq), self.context):
       b = min(a + self.context, len(seq))
       requests.append((seq[max(0, b - 1 - self.context): a], seq[a:b]))
-    return sum(ll for ll, _ in self.loglikelihood(requests)), len(seq) - 1
+    return requests, max(len(seq) - 1, 0)
+
+  def rolling_loglikelihood(self, tokens: Sequence[int], prefix: int | None) -> tuple[float, int]:
+    """(sum of log-probs, number of tokens scored) of a whole sequence (see rolling_requests)."""
+    requests, n = self.rolling_requests(tokens, prefix)
+    return sum(ll for ll, _ in self.loglikelihood(requests)), n
 
   # -- generation ----------------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop=(),

@@ -1,0 +1,187 @@
+"""The task runner's registry: how each example format is evaluated.
+
+A task is registered under the data format it evaluates (`llmjax.data.formats`: text,
+prompt_completion, multiple_choice, classification, ...). `evaluate(ctx, examples)` returns the
+metrics and one prediction record per example. New formats (e.g. seq2seq) add an entry here; the
+runner (`python -m llmjax.evaluate`) never branches on the format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from llmjax.eval import metrics as M
+from llmjax.eval.scoring import Scorer, encode_pair
+
+
+class TaskError(ValueError):
+  """Data the run cannot evaluate as given: reported as one line, exit status 2."""
+
+
+@dataclasses.dataclass
+class Options:
+  metrics: Sequence[str] | None = None   # None: the task's defaults
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: Sequence[str] = ()
+
+
+@dataclasses.dataclass
+class Context:
+  scorer: Scorer
+  run: Any            # llmjax.runs.LoadedRun
+  options: Options
+  where: Callable[[int], str] = lambda i: f"example {i + 1}"  # an example's FILE:LINE
+
+
+@dataclasses.dataclass
+class Result:
+  metrics: dict
+  predictions: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  fmt: str
+  evaluate: Callable[[Context, Sequence[Any]], Result]
+  metrics: tuple[str, ...]            # what --metrics may choose from
+  default_metrics: tuple[str, ...]
+  needs_lm_head: bool = True          # False: needs a classification head instead
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(fmt: str, metrics: Sequence[str], default_metrics: Sequence[str] | None = None,
+             needs_lm_head: bool = True):
+  def wrap(fn):
+    TASKS[fmt] = Task(fmt, fn, tuple(metrics), tuple(default_metrics or metrics), needs_lm_head)
+    return fn
+  return wrap
+
+
+def chosen_metrics(task: Task, requested: Sequence[str] | None) -> tuple[str, ...]:
+  if not requested:
+    return task.default_metrics
+  unknown = [m for m in requested if m not in task.metrics]
+  if unknown:
+    raise TaskError(f"--metrics: {unknown[0]!r} is not a metric of {task.fmt} data; choose from "
+                    f"{', '.join(task.metrics)}")
+  return tuple(requested)
+
+
+def _encode(ctx: Context, text: str, i: int) -> list[int]:
+  try:
+    return list(ctx.scorer.tokenizer.encode(text))
+  except ValueError as e:  # e.g. a character a char tokenizer never saw
+    raise TaskError(f"{ctx.where(i)}: cannot encode with this run's tokenizer: {e}") from None
+
+
+def _pick(metrics: dict, names: Sequence[str]) -> dict:
+  return {n: metrics[n] for n in names}
+
+
+# -- language modelling ----------------------------------------------------------------------------
+@register("text", metrics=("loss", "perplexity", "bits_per_byte"))
+def evaluate_text(ctx: Context, examples) -> Result:
+  """Every token of every document scored given all preceding text that fits the context. With an
+  EOS token the first token is scored after EOS (how training separates documents); without one
+  it is not scored, and its bytes are not counted."""
+  scorer, tokenizer = ctx.scorer, ctx.scorer.tokenizer
+  eos = tokenizer.eos_id
+  requests, spans, counts, sizes = [], [], [], []
+  for i, ex in enumerate(examples):  # every document's windows go into one batched call
+    ids = _encode(ctx, ex.text, i)
+    windows, n = scorer.rolling_requests(ids, eos)
+    spans.append((len(requests), len(requests) + len(windows)))
+    requests.extend(windows)
+    counts.append(n)
+    scored_text = ex.text if eos is not None else tokenizer.decode(ids[1:])
+    sizes.append(len(scored_text.encode("utf-8")))
+  results = scorer.loglikelihood(requests) if requests else []
+  records = []
+  for i, ((a, b), n, size) in enumerate(zip(spans, counts, sizes)):
+    nll = -sum(ll for ll, _ in results[a:b])
+    records.append({"index": i, "nll": nll, "tokens": n, "bytes": size})
+  nats = sum(r["nll"] for r in records)
+  tokens, nbytes = sum(counts), sum(sizes)
+  if tokens == 0:
+    raise TaskError("no token to score: every document is shorter than two tokens")
+  loss = nats / tokens
+  all_metrics = {"loss": loss, "perplexity": M.perplexity(loss),
+                 "bits_per_byte": M.bits_per_byte(nats, nbytes)}
+  out = _pick(all_metrics, chosen_metrics(TASKS["text"], ctx.options.metrics))
+  out.update(tokens=tokens, bytes=nbytes)
+  return Result(out, records)
+
+
+# -- multiple choice -------------------------------------------------------------------------------
+@register("multiple_choice", metrics=("acc", "acc_norm", "acc_bytes"))
+def evaluate_multiple_choice(ctx: Context, examples) -> Result:
+  """Log-likelihood of each choice given the prompt (prompt + choice, no separator: put a leading
+  space in the choices when the text needs one). acc takes the highest sum; acc_norm divides by
+  the choice's length in characters and acc_bytes by its UTF-8 bytes (lm-evaluation-harness's
+  acc_norm and acc_bytes), so longer choices are not penalized for their length."""
+  requests, spans = [], []
+  for i, ex in enumerate(examples):
+    if not 0 <= ex.answer < len(ex.choices):
+      raise TaskError(f"{ctx.where(i)}: answer {ex.answer} is out of range for "
+                      f"{len(ex.choices)} choices (0-based)")
+    start = len(requests)
+    for choice in ex.choices:
+      try:
+        requests.append(encode_pair(ctx.scorer.tokenizer, ex.prompt, choice))
+      except ValueError as e:
+        raise TaskError(f"{ctx.where(i)}: cannot encode with this run's tokenizer: {e}") from None
+      if not requests[-1][1]:
+        raise TaskError(f"{ctx.where(i)}: choice {choice!r} encodes to no tokens")
+      if not requests[-1][0] and ctx.scorer.tokenizer.eos_id is not None:
+        requests[-1] = ([ctx.scorer.tokenizer.eos_id], requests[-1][1])
+    spans.append((start, len(requests)))
+  results = ctx.scorer.loglikelihood(requests)
+  hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
+  records = []
+  for i, (ex, (a, b)) in enumerate(zip(examples, spans)):
+    lls = np.asarray([ll for ll, _ in results[a:b]])
+    chars = np.asarray([float(len(c)) for c in ex.choices])
+    nbytes = np.asarray([float(len(c.encode("utf-8"))) for c in ex.choices])
+    picks = {"acc": int(np.argmax(lls)), "acc_norm": int(np.argmax(lls / chars)),
+             "acc_bytes": int(np.argmax(lls / nbytes))}
+    for name, pick in picks.items():
+      hits[name].append(float(pick == ex.answer))
+    records.append({"index": i, "prediction": picks["acc"], "prediction_norm": picks["acc_norm"],
+                    "answer": ex.answer, "correct": picks["acc"] == ex.answer,
+                    "loglikelihoods": lls.tolist(),
+                    "greedy": [g for _, g in results[a:b]]})
+  all_metrics = {name: float(np.mean(v)) for name, v in hits.items()}
+  return Result(_pick(all_metrics, chosen_metrics(TASKS["multiple_choice"], ctx.options.metrics)),
+                records)
+
+
+# -- prompt / completion ---------------------------------------------------------------------------
+@register("prompt_completion", metrics=tuple(M.TEXT_METRICS),
+          default_metrics=("exact_match", "f1", "bleu", "rougeL"))
+def evaluate_prompt_completion(ctx: Context, examples) -> Result:
+  """Generates a completion for each prompt (greedy, or sampled with a seed; stopped at EOS and
+  the --stop strings) and scores it against the reference completion."""
+  o = ctx.options
+  names = chosen_metrics(TASKS["prompt_completion"], o.metrics)
+  prompts = [_encode(ctx, ex.prompt, i) for i, ex in enumerate(examples)]
+  texts = ctx.scorer.generate(prompts, o.max_new_tokens, stop=o.stop, temperature=o.temperature,
+                              top_k=o.top_k, top_p=o.top_p, seed=o.seed)
+  references = [[ex.completion] for ex in examples]
+  records = [{"index": i, "prompt": ex.prompt, "prediction": text, "reference": ex.completion,
+              "exact_match": M.exact_match_one(text, ref), "f1": M.token_f1_one(text, ref)}
+             for i, (ex, text, ref) in enumerate(zip(examples, texts, references))]
+  return Result(M.text_metrics(texts, references, names), records)
+
+
+def finite(metrics: dict) -> dict:
+  """JSON has no NaN: metrics that are undefined (e.g. no examples) become null."""
+  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
