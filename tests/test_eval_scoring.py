@@ -112,3 +112,52 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation():
   tok = CharTokenizer(CHARS)
   assert encode_pair(tok, "a b ", "c") == (tok.encode("a b"), tok.encode(" c"))
   assert encode_pair(tok, "", "cd") == ([], tok.encode("cd"))
+
+
+MESH_SCRIPT = r"""
+import json
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from llmjax import config as cfglib, sharding as shd
+from llmjax.data import CharTokenizer
+from llmjax.eval.scoring import Scorer
+from llmjax.model import Transformer, TransformerConfig
+chars = "abcdefghijklmnopqrstuvwxyz .,+=0123456789\n"
+cfg = TransformerConfig(vocab_size=len(chars), num_layers=2, num_heads=4, embed_dim=32, max_seq_len=24)
+model = Transformer(cfg)
+boxed = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.key(0))
+params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, nn.meta.unbox(boxed))
+rng = np.random.default_rng(0)
+requests = [(list(rng.integers(0, cfg.vocab_size, n)), list(rng.integers(0, cfg.vocab_size, m)))
+            for n, m in ((5, 3), (1, 1), (10, 7), (0, 4), (30, 2))]
+prompts = [r[0] or [1] for r in requests]
+out = {}
+for name, mesh_shape in (("one", None), ("fsdp2_tensor2", dict(data=1, fsdp=2, tensor=2))):
+  config = cfglib.default_config()
+  if mesh_shape:
+    config.mesh.update(**mesh_shape)
+    mesh = shd.make_mesh(config)
+  else:
+    mesh = shd.make_mesh(config, devices=jax.devices()[:1])
+  shardings = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shd.logical_rules(config))
+  scorer = Scorer(model, jax.device_put(params, shardings), CharTokenizer(chars), mesh,
+                  shd.logical_rules(config), batch_size=3)
+  out[name] = dict(ll=scorer.loglikelihood(requests), text=scorer.generate(prompts, 5),
+                   batch=scorer.batch_size)
+print(json.dumps(dict(devices=jax.device_count(), **out)))
+"""
+
+
+@pytest.mark.slow  # a 4-device subprocess: about a minute on a loaded 2-core machine
+def test_scores_on_a_device_mesh_equal_one_device():
+  """Rows split over fsdp, weights over fsdp x tensor: the same numbers as on one device (the
+  batch of 3 is rounded up to 4 rows so it splits evenly)."""
+  import json
+  from tests.conftest import run_cli
+  proc = run_cli(["-c", MESH_SCRIPT], devices=4)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["devices"] == 4 and got["fsdp2_tensor2"]["batch"] == 4
+  one, mesh = got["one"], got["fsdp2_tensor2"]
+  np.testing.assert_allclose([ll for ll, _ in mesh["ll"]], [ll for ll, _ in one["ll"]], atol=1e-4)
+  assert [g for _, g in mesh["ll"]] == [g for _, g in one["ll"]]
+  assert mesh["text"] == one["text"]
