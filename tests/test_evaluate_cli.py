@@ -132,6 +132,8 @@ def test_bad_input_is_one_line(run_dir, tmp_path):
   for path, message in cases:
     with pytest.raises((TaskError, DataError), match=message):
       runner.evaluate_file(str(run_dir), path)
+  with pytest.raises(FileNotFoundError, match="is not an llmjax run directory"):
+    runner.evaluate_file(str(tmp_path), str(MC))
   with pytest.raises(TaskError, match="not a metric of multiple_choice data; choose from acc"):
     runner.evaluate_file(str(run_dir), str(MC), options=Options(metrics=["bleu"]))
 

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from llmjax import sharding as shd
 
@@ -35,7 +36,9 @@ def _score_rows(model, params, inputs, targets, weights):
   logp = jax.nn.log_softmax(logits, axis=-1)
   target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   greedy = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
-  return jnp.sum(target_logp * weights, axis=-1), jnp.all(greedy, axis=-1)
+  sums, greedy = jnp.sum(target_logp * weights, axis=-1), jnp.all(greedy, axis=-1)
+  # Replicated results: every process can read them (a multi-host mesh splits the rows).
+  return jax.lax.with_sharding_constraint((sums, greedy), P())
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
