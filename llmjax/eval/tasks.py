@@ -37,7 +37,6 @@ class Context:
   scorer: Scorer
   run: Any            # llmjax.runs.LoadedRun
   options: Options
-  where: Callable[[int], str] = lambda i: f"example {i + 1}"  # an example's FILE:LINE
 
 
 @dataclasses.dataclass
@@ -76,11 +75,16 @@ def chosen_metrics(task: Task, requested: Sequence[str] | None) -> tuple[str, ..
   return tuple(requested)
 
 
-def _encode(ctx: Context, text: str, i: int) -> list[int]:
+def _where(example, i: int) -> str:
+  """FILE:LINE of an example read by llmjax.data.formats, else its 1-based position."""
+  return getattr(example, "source", "") or f"example {i + 1}"
+
+
+def _encode(ctx: Context, ex, text: str, i: int) -> list[int]:
   try:
     return list(ctx.scorer.tokenizer.encode(text))
   except ValueError as e:  # e.g. a character a char tokenizer never saw
-    raise TaskError(f"{ctx.where(i)}: cannot encode with this run's tokenizer: {e}") from None
+    raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
 
 
 def _pick(metrics: dict, names: Sequence[str]) -> dict:
@@ -97,7 +101,7 @@ def evaluate_text(ctx: Context, examples) -> Result:
   eos = tokenizer.eos_id
   requests, spans, counts, sizes = [], [], [], []
   for i, ex in enumerate(examples):  # every document's windows go into one batched call
-    ids = _encode(ctx, ex.text, i)
+    ids = _encode(ctx, ex, ex.text, i)
     windows, n = scorer.rolling_requests(ids, eos)
     spans.append((len(requests), len(requests) + len(windows)))
     requests.extend(windows)
@@ -131,16 +135,16 @@ def evaluate_multiple_choice(ctx: Context, examples) -> Result:
   requests, spans = [], []
   for i, ex in enumerate(examples):
     if not 0 <= ex.answer < len(ex.choices):
-      raise TaskError(f"{ctx.where(i)}: answer {ex.answer} is out of range for "
+      raise TaskError(f"{_where(ex, i)}: answer {ex.answer} is out of range for "
                       f"{len(ex.choices)} choices (0-based)")
     start = len(requests)
     for choice in ex.choices:
       try:
         requests.append(encode_pair(ctx.scorer.tokenizer, ex.prompt, choice))
       except ValueError as e:
-        raise TaskError(f"{ctx.where(i)}: cannot encode with this run's tokenizer: {e}") from None
+        raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
       if not requests[-1][1]:
-        raise TaskError(f"{ctx.where(i)}: choice {choice!r} encodes to no tokens")
+        raise TaskError(f"{_where(ex, i)}: choice {choice!r} encodes to no tokens")
       if not requests[-1][0] and ctx.scorer.tokenizer.eos_id is not None:
         requests[-1] = ([ctx.scorer.tokenizer.eos_id], requests[-1][1])
     spans.append((start, len(requests)))
@@ -172,7 +176,7 @@ def evaluate_prompt_completion(ctx: Context, examples) -> Result:
   the --stop strings) and scores it against the reference completion."""
   o = ctx.options
   names = chosen_metrics(TASKS["prompt_completion"], o.metrics)
-  prompts = [_encode(ctx, ex.prompt, i) for i, ex in enumerate(examples)]
+  prompts = [_encode(ctx, ex, ex.prompt, i) for i, ex in enumerate(examples)]
   texts = ctx.scorer.generate(prompts, o.max_new_tokens, stop=o.stop, temperature=o.temperature,
                               top_k=o.top_k, top_p=o.top_p, seed=o.seed)
   references = [[ex.completion] for ex in examples]
