@@ -44,7 +44,7 @@ def evaluate_file(workdir: str, data: str, *, step=None, fmt: str | None = None,
                     "(README 'Fine-tune')")
   scorer = Scorer.from_run(run, batch_size)
   try:
-    result = task.evaluate(Context(scorer, run, options), examples)
+    result = task.evaluate(Context(scorer, run, options, workdir=str(workdir)), examples)
   except ValueError as e:
     if isinstance(e, TaskError):
       raise

@@ -41,6 +41,13 @@ def _score_rows(model, params, inputs, targets, weights):
   return jax.lax.with_sharding_constraint((sums, greedy), P())
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _classify_rows(model, params, inputs, segment_ids, positions):
+  """Label logits [rows, num_labels] of a classification model, replicated on every process."""
+  logits = model.apply({"params": params}, inputs, segment_ids=segment_ids, positions=positions)
+  return jax.lax.with_sharding_constraint(logits.astype(jnp.float32), P())
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """Token ids of a context and its continuation, split as lm-evaluation-harness splits them:
   trailing spaces of the context move to the continuation, the pair is encoded as one string, and
@@ -143,6 +150,24 @@ class Scorer:
     """(sum of log-probs, number of tokens scored) of a whole sequence (see rolling_requests)."""
     requests, n = self.rolling_requests(tokens, prefix)
     return sum(ll for ll, _ in self.loglikelihood(requests)), n
+
+  # -- classification ------------------------------------------------------------------------------
+  def classify(self, examples: Sequence, seq_len: int) -> np.ndarray:
+    """Label logits [len(examples), num_labels] of tokenized examples (llmjax.data.task_data's
+    Tokenized), laid out one per row exactly as training lays them out (llmjax.data.packing)."""
+    from llmjax.data import packing
+    out = []
+    for start in range(0, len(examples), self.batch_size):
+      rows = [[i] for i in range(start, min(start + self.batch_size, len(examples)))]
+      n = len(rows)
+      rows += [[]] * (self.batch_size - n)  # empty rows: one compiled batch shape
+      built = packing.build_rows(examples, rows, seq_len)
+      place = lambda x: jax.device_put(np.asarray(x, np.int32), shd.batch_sharding(self.mesh, 2))
+      with shd.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        logits = _classify_rows(self.model, self.params, place(built["inputs"]),
+                                place(built["segment_ids"]), place(built["positions"]))
+      out.append(np.asarray(logits)[:n])
+    return np.concatenate(out) if out else np.zeros((0, self.model.cfg.num_labels), np.float32)
 
   # -- generation ----------------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, stop=(),

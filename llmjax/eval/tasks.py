@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ class Context:
   scorer: Scorer
   run: Any            # llmjax.runs.LoadedRun
   options: Options
+  workdir: str = ""   # the run directory (its saved label mapping, ...)
 
 
 @dataclasses.dataclass
@@ -174,16 +176,100 @@ def evaluate_multiple_choice(ctx: Context, examples) -> Result:
 def evaluate_prompt_completion(ctx: Context, examples) -> Result:
   """Generates a completion for each prompt (greedy, or sampled with a seed; stopped at EOS and
   the --stop strings) and scores it against the reference completion."""
-  o = ctx.options
-  names = chosen_metrics(TASKS["prompt_completion"], o.metrics)
   prompts = [_encode(ctx, ex, ex.prompt, i) for i, ex in enumerate(examples)]
-  texts = ctx.scorer.generate(prompts, o.max_new_tokens, stop=o.stop, temperature=o.temperature,
+  return _generate_and_score(ctx, "prompt_completion", prompts, [ex.completion for ex in examples],
+                             [ex.prompt for ex in examples], ctx.options.stop)
+
+
+def _generate_and_score(ctx: Context, fmt: str, prompts: list[list[int]], references: list[str],
+                        shown: list[str], stop: Sequence[str]) -> Result:
+  o = ctx.options
+  names = chosen_metrics(TASKS[fmt], o.metrics)
+  texts = ctx.scorer.generate(prompts, o.max_new_tokens, stop=stop, temperature=o.temperature,
                               top_k=o.top_k, top_p=o.top_p, seed=o.seed)
-  references = [[ex.completion] for ex in examples]
-  records = [{"index": i, "prompt": ex.prompt, "prediction": text, "reference": ex.completion,
+  refs = [[r] for r in references]
+  records = [{"index": i, "prompt": p, "prediction": text, "reference": ref[0],
               "exact_match": M.exact_match_one(text, ref), "f1": M.token_f1_one(text, ref)}
-             for i, (ex, text, ref) in enumerate(zip(examples, texts, references))]
-  return Result(M.text_metrics(texts, references, names), records)
+             for i, (p, text, ref) in enumerate(zip(shown, texts, refs))]
+  return Result(M.text_metrics(texts, refs, names), records)
+
+
+# -- chat ------------------------------------------------------------------------------------------
+@register("chat", metrics=tuple(M.TEXT_METRICS), default_metrics=("exact_match", "f1", "bleu", "rougeL"))
+def evaluate_chat(ctx: Context, examples) -> Result:
+  """The last message of each chat must be the assistant's: the model writes that turn, given
+  every earlier message rendered with the run's chat template and its generation prompt (as
+  fine-tuning rendered them), and the reply is scored against it like a completion. With no EOS
+  token (char/byte tokenizers) the default template ends a turn with a newline, which is then
+  where replies stop unless --stop says otherwise."""
+  from llmjax.data.chat import ChatFormatter, encode_plain
+  formatter = ChatFormatter(ctx.scorer.tokenizer)
+  prompts, references, shown = [], [], []
+  for i, ex in enumerate(examples):
+    role, content = ex.messages[-1]
+    if role != "assistant" or len(ex.messages) < 2:
+      raise TaskError(f"{_where(ex, i)}: a chat to evaluate must end with an assistant message "
+                      "(the reference reply) after at least one other message")
+    text = formatter.render(ex.messages[:-1], add_generation_prompt=True)
+    try:
+      prompts.append(encode_plain(ctx.scorer.tokenizer, text))
+    except ValueError as e:
+      raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
+    references.append(content)
+    shown.append(text)
+  stop = ctx.options.stop
+  if not stop and ctx.scorer.tokenizer.eos_id is None and formatter.is_default:
+    stop = ["\n"]
+  return _generate_and_score(ctx, "chat", prompts, references, shown, stop)
+
+
+# -- classification --------------------------------------------------------------------------------
+@register("classification", metrics=("accuracy", "macro_f1", "confusion_matrix"),
+          needs_lm_head=False)
+def evaluate_classification(ctx: Context, examples) -> Result:
+  """The run's classification head on each text, encoded and laid out as fine-tuning did
+  (llmjax.data.task_data.Encoder, the run's data.truncate; over-long texts are cut rather than
+  dropped, so every example gets a prediction). Labels are the run's saved mapping; macro-F1
+  averages per-label F1 over the labels that occur as references or predictions."""
+  import copy
+
+  from llmjax.data import task_data
+  labels = task_data.read_labels(ctx.workdir)
+  if not labels:
+    raise TaskError(f"{ctx.workdir} has no {task_data.LABELS_FILE}: it was not fine-tuned for "
+                    "classification by llmjax")
+  data_config = copy.deepcopy(ctx.run.config.data)
+  if data_config.truncate not in ("left", "right"):
+    data_config.truncate = "right"
+  encoder = task_data.Encoder(ctx.scorer.tokenizer, data_config, classification=True)
+  stats = task_data.EncodeStats()
+  tokenized = []
+  for i, ex in enumerate(examples):
+    if ex.label not in labels:
+      raise TaskError(f"{_where(ex, i)}: label {ex.label!r} was never seen in training; the run "
+                      f"knows {', '.join(labels)}")
+    try:
+      t = encoder.encode(ex, stats, labels[ex.label])
+    except ValueError as e:
+      raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
+    if t is None:
+      raise TaskError(f"{_where(ex, i)}: the text encodes to no tokens")
+    tokenized.append(t)
+  if stats.truncated:
+    print(f"llmjax: note: {stats.truncated} texts were longer than data.seq_len="
+          f"{data_config.seq_len} and were cut ({data_config.truncate})", file=sys.stderr)
+  logits = ctx.scorer.classify(tokenized, data_config.seq_len)
+  names = list(labels)
+  predicted = [names[int(k)] for k in np.argmax(logits, axis=-1)]
+  truth = [ex.label for ex in examples]
+  all_metrics = {"accuracy": M.accuracy(predicted, truth), "macro_f1": M.macro_f1(predicted, truth),
+                 "confusion_matrix": {"labels": names,
+                                      "counts": M.confusion_matrix(predicted, truth, names)}}
+  records = [{"index": i, "prediction": p, "label": y, "correct": p == y,
+              "logits": [float(v) for v in row]}
+             for i, (p, y, row) in enumerate(zip(predicted, truth, logits))]
+  return Result(_pick(all_metrics, chosen_metrics(TASKS["classification"], ctx.options.metrics)),
+                records)
 
 
 def finite(metrics: dict) -> dict:
