@@ -104,3 +104,8 @@ def describe_metrics(result: dict) -> str:
 
 def format_result(result: dict) -> str:
   return f"step {result['step']}: {describe_metrics(result)}"
+
+
+if __name__ == "__main__":  # `python -m llmjax.evaluate`: the task runner (llmjax/eval/cli.py)
+  from llmjax.eval.cli import run
+  run()
