@@ -114,8 +114,10 @@ def _encode(tokenizer, docs: list[str]) -> np.ndarray:
   return tokenizer.encode_array("\n\n".join(docs))
 
 
-def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
-  """Builds the tokenizer (unless given, e.g. restored from a run) and the train/val token arrays."""
+def load_dataset(data_config, seed: int, tokenizer=None, **task_options):
+  """Builds the tokenizer (unless given, e.g. restored from a run) and the train/val token arrays;
+  task files (JSON Lines, Parquet, HF datasets dirs) give a TaskDataset instead (task_options:
+  see llmjax.data.task_data.load_task_dataset, e.g. classification=True, labels=...)."""
   path = data_config.path
   # -- prepared corpora and mixtures (llmjax.data.prepare): memory-mapped shards --
   if data_config.get("mixture", ""):
@@ -123,6 +125,10 @@ def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
     return mixture.load_mixture(data_config, seed, tokenizer)
   if shards.is_prepared_dir(path):
     return load_prepared(path, data_config, seed, tokenizer)
+  from llmjax.data import formats
+  if formats.is_task_path(path):
+    from llmjax.data.task_data import load_task_dataset
+    return load_task_dataset(data_config, seed, tokenizer, **task_options)
   vocab_check = None
   if path and sources.is_token_file(path):
     if tokenizer is None and data_config.tokenizer == "char":
