@@ -51,7 +51,10 @@ class Run:
     self.is_writer = jax.process_index() == 0
     if self.is_writer:
       workdir_lib.claim(self.workdir)  # refuses a stranger's directory; one process per workdir
-    else:
+    if jax.process_count() > 1:  # the others must not create files before process 0 checked
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("llmjax: workdir claimed")
+    if not self.is_writer:
       workdir_lib.check_not_empty(str(workdir))
       self.workdir.mkdir(parents=True, exist_ok=True)
     t = config.train
