@@ -94,6 +94,10 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--sp_vocab_size", type=int, default=8192)
+  p.add_argument("--arms", default="bare,one,pool",
+                 help="which of bare (loop), one (prepare, 1 worker), pool (N workers) to time")
+  p.add_argument("--memory_rounds", type=int, default=1,
+                 help="pool runs on the 1x and 2x corpora (interleaved) for the memory check")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "prepare_corpus.json"))
   args = p.parse_args(argv)
 
@@ -120,6 +124,9 @@ def main(argv=None) -> None:
         f"prepare_{args.workers}_workers": lambda r: prepare_cmd(tmp / "corpus", tmp / f"oN_{r}",
                                                                  args.workers),
     }
+    keep = {"bare": "bare_loop_1_process", "one": "prepare_1_worker",
+            "pool": f"prepare_{args.workers}_workers"}
+    arms = {keep[a]: arms[keep[a]] for a in args.arms.split(",") if a}
     samples = {name: [] for name in arms}
     names = list(arms)
     for r in range(args.rounds):
@@ -132,9 +139,15 @@ def main(argv=None) -> None:
       for d in tmp.glob("o*_*"):
         shutil.rmtree(d)
     pool_name = f"prepare_{args.workers}_workers"
-    m2x = run_measured(prepare_cmd(tmp / "corpus2x", tmp / "o2x", args.workers), env)
-    print(f"2x corpus {pool_name}: {m2x['seconds']:.1f} s, peak {m2x['peak_rss_mb']:.0f} MB",
-          flush=True)
+    memory = {"1x": [], "2x": []}
+    for r in range(args.memory_rounds):
+      for label, corpus in (("1x", "corpus"), ("2x", "corpus2x"))[::1 if r % 2 == 0 else -1]:
+        m = run_measured(prepare_cmd(tmp / corpus, tmp / f"m{label}_{r}", args.workers), env)
+        memory[label].append(m)
+        print(f"memory round {r} {label} corpus {pool_name}: {m['seconds']:.1f} s, peak "
+              f"{m['peak_rss_mb']:.0f} MB, load {m['load_before']:.1f}->{m['load_after']:.1f}",
+              flush=True)
+        shutil.rmtree(tmp / f"m{label}_{r}")
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,9 +158,8 @@ def main(argv=None) -> None:
     results[name] = {"seconds": spread(secs), "mb_per_s": spread([size / 1e6 / s for s in secs]),
                      "peak_rss_mb": spread([m["peak_rss_mb"] for m in ms]),
                      "load": spread([m["load_before"] for m in ms] + [m["load_after"] for m in ms])}
-  base = results["bare_loop_1_process"]["seconds"]["median"]
-  one = results["prepare_1_worker"]["seconds"]["median"]
-  pool = results[pool_name]["seconds"]["median"]
+  med = lambda name: results[name]["seconds"]["median"] if name in results else float("nan")  # noqa: E731
+  base, one, pool = med("bare_loop_1_process"), med("prepare_1_worker"), med(pool_name)
   report = {
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -155,8 +167,11 @@ def main(argv=None) -> None:
       "command": " ".join(["python", "benchmarks/prepare_corpus.py", *(argv or sys.argv[1:])]),
       "results": results,
       "speedup_vs_bare_loop": base / pool, "speedup_vs_prepare_1_worker": one / pool,
-      "peak_rss_mb_1x": results[pool_name]["peak_rss_mb"]["max"],
-      "peak_rss_mb_2x": m2x["peak_rss_mb"], "corpus_2x_mb": big / 1e6, "seconds_2x": m2x["seconds"],
+      "memory_check": {label: {"peak_rss_mb": spread([m["peak_rss_mb"] for m in ms]),
+                               "seconds": spread([m["seconds"] for m in ms]),
+                               "load": spread([m["load_before"] for m in ms])}
+                       for label, ms in memory.items() if ms},
+      "corpus_2x_mb": big / 1e6,
   }
   print(f"\n{'arm':<24} {'seconds min/med/max':>24} {'MB/s (median)':>14} {'peak RSS MB (max)':>18}")
   for name, r in results.items():
@@ -165,8 +180,10 @@ def main(argv=None) -> None:
           f"{r['mb_per_s']['median']:>14.2f} {r['peak_rss_mb']['max']:>18.0f}")
   print(f"speedup of {pool_name} (medians): {report['speedup_vs_bare_loop']:.2f}x vs the bare loop, "
         f"{report['speedup_vs_prepare_1_worker']:.2f}x vs prepare with 1 worker")
-  print(f"peak memory, {pool_name}: {report['peak_rss_mb_1x']:.0f} MB at {size / 1e6:.0f} MB, "
-        f"{m2x['peak_rss_mb']:.0f} MB at {big / 1e6:.0f} MB")
+  if memory["1x"]:
+    print(f"peak memory, {pool_name}: max {max(m['peak_rss_mb'] for m in memory['1x']):.0f} MB at "
+          f"{size / 1e6:.0f} MB, max {max(m['peak_rss_mb'] for m in memory['2x']):.0f} MB at "
+          f"{big / 1e6:.0f} MB")
   print(uptime)
   Path(args.out).write_text(json.dumps(report, indent=2))
   print(f"wrote {args.out}")
