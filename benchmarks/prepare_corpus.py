@@ -64,7 +64,10 @@ def make_corpus(directory: Path, megabytes: float, files: int = 16, seed: int = 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
   """Wall time and peak resident memory of the process tree (sum over the pool)."""
   import psutil
+  import resource
   load_before = os.getloadavg()[0]
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu_before = usage.ru_utime + usage.ru_stime
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -78,9 +81,11 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     time.sleep(0.02)
   out, err = proc.communicate()
   wall = time.perf_counter() - t0
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's workers included (reaped)
+  cpu = usage.ru_utime + usage.ru_stime - cpu_before
   if proc.returncode != 0:
     raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-  return {"seconds": wall, "peak_rss_mb": peak / 1e6, "load_before": load_before,
+  return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": peak / 1e6, "load_before": load_before,
           "load_after": os.getloadavg()[0]}
 
 
@@ -94,6 +99,10 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--sp_vocab_size", type=int, default=8192)
+  p.add_argument("--arms", default="bare,one,pool",
+                 help="which of bare (loop), one (prepare, 1 worker), pool (N workers) to time")
+  p.add_argument("--memory_rounds", type=int, default=1,
+                 help="pool runs on the 1x and 2x corpora (interleaved) for the memory check")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "prepare_corpus.json"))
   args = p.parse_args(argv)
 
@@ -111,7 +120,7 @@ def main(argv=None) -> None:
     def prepare_cmd(corpus, out, workers):
       return [sys.executable, "-m", "llmjax.data.prepare", f"--input={corpus}/*.jsonl",
               f"--output={out}", "--tokenizer=sentencepiece", f"--tokenizer_path={model}",
-              f"--num_workers={workers}", "--noprogress", "--val_fraction=0.001"]
+              f"--num_workers={workers}", "--noprogress", "--val_fraction=0.01"]
 
     arms = {
         "bare_loop_1_process": lambda r: [sys.executable, "-c", BARE_LOOP, model,
@@ -120,6 +129,9 @@ def main(argv=None) -> None:
         f"prepare_{args.workers}_workers": lambda r: prepare_cmd(tmp / "corpus", tmp / f"oN_{r}",
                                                                  args.workers),
     }
+    keep = {"bare": "bare_loop_1_process", "one": "prepare_1_worker",
+            "pool": f"prepare_{args.workers}_workers"}
+    arms = {keep[a]: arms[keep[a]] for a in args.arms.split(",") if a}
     samples = {name: [] for name in arms}
     names = list(arms)
     for r in range(args.rounds):
@@ -127,14 +139,21 @@ def main(argv=None) -> None:
       for name in order:
         m = run_measured(arms[name](r), env)
         samples[name].append(m)
-        print(f"round {r} {name}: {m['seconds']:.1f} s, peak {m['peak_rss_mb']:.0f} MB, load "
+        print(f"round {r} {name}: {m['seconds']:.1f} s ({m['cpu_seconds']:.1f} CPU s), peak {m['peak_rss_mb']:.0f} MB, load "
               f"{m['load_before']:.1f}->{m['load_after']:.1f}", flush=True)
       for d in tmp.glob("o*_*"):
         shutil.rmtree(d)
     pool_name = f"prepare_{args.workers}_workers"
-    m2x = run_measured(prepare_cmd(tmp / "corpus2x", tmp / "o2x", args.workers), env)
-    print(f"2x corpus {pool_name}: {m2x['seconds']:.1f} s, peak {m2x['peak_rss_mb']:.0f} MB",
-          flush=True)
+    memory = {"1x": [], "2x": []}
+    for r in range(args.memory_rounds):
+      for label, corpus in (("1x", "corpus"), ("2x", "corpus2x"))[::1 if r % 2 == 0 else -1]:
+        m = run_measured(prepare_cmd(tmp / corpus, tmp / f"m{label}_{r}", args.workers), env)
+        memory[label].append(m)
+        print(f"memory round {r} {label} corpus {pool_name}: {m['seconds']:.1f} s "
+              f"({m['cpu_seconds']:.1f} CPU s), peak "
+              f"{m['peak_rss_mb']:.0f} MB, load {m['load_before']:.1f}->{m['load_after']:.1f}",
+              flush=True)
+        shutil.rmtree(tmp / f"m{label}_{r}")
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,11 +162,11 @@ def main(argv=None) -> None:
   for name, ms in samples.items():
     secs = [m["seconds"] for m in ms]
     results[name] = {"seconds": spread(secs), "mb_per_s": spread([size / 1e6 / s for s in secs]),
+                     "cpu_seconds": spread([m["cpu_seconds"] for m in ms]),
                      "peak_rss_mb": spread([m["peak_rss_mb"] for m in ms]),
                      "load": spread([m["load_before"] for m in ms] + [m["load_after"] for m in ms])}
-  base = results["bare_loop_1_process"]["seconds"]["median"]
-  one = results["prepare_1_worker"]["seconds"]["median"]
-  pool = results[pool_name]["seconds"]["median"]
+  med = lambda name: results[name]["seconds"]["median"] if name in results else float("nan")  # noqa: E731
+  base, one, pool = med("bare_loop_1_process"), med("prepare_1_worker"), med(pool_name)
   report = {
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -155,18 +174,34 @@ def main(argv=None) -> None:
       "command": " ".join(["python", "benchmarks/prepare_corpus.py", *(argv or sys.argv[1:])]),
       "results": results,
       "speedup_vs_bare_loop": base / pool, "speedup_vs_prepare_1_worker": one / pool,
-      "peak_rss_mb_1x": results[pool_name]["peak_rss_mb"]["max"],
-      "peak_rss_mb_2x": m2x["peak_rss_mb"], "corpus_2x_mb": big / 1e6, "seconds_2x": m2x["seconds"],
+      # On a loaded machine wall time measures the share of the cores a run got. CPU seconds do
+      # not depend on load: N x (CPU of 1 worker) / (CPU of the pool) is the speedup N idle cores
+      # would give if the pool's work spreads evenly (an estimate, labelled as such).
+      "estimated_speedup_on_idle_cores": (
+          args.workers * results["prepare_1_worker"]["cpu_seconds"]["median"]
+          / results[pool_name]["cpu_seconds"]["median"])
+      if "prepare_1_worker" in results and pool_name in results else None,
+      "memory_check": {label: {"peak_rss_mb": spread([m["peak_rss_mb"] for m in ms]),
+                               "seconds": spread([m["seconds"] for m in ms]),
+                               "load": spread([m["load_before"] for m in ms])}
+                       for label, ms in memory.items() if ms},
+      "corpus_2x_mb": big / 1e6,
   }
   print(f"\n{'arm':<24} {'seconds min/med/max':>24} {'MB/s (median)':>14} {'peak RSS MB (max)':>18}")
   for name, r in results.items():
     s = r["seconds"]
     print(f"{name:<24} {s['min']:>8.1f}/{s['median']:.1f}/{s['max']:.1f} "
           f"{r['mb_per_s']['median']:>14.2f} {r['peak_rss_mb']['max']:>18.0f}")
+  if report["estimated_speedup_on_idle_cores"]:
+    print(f"CPU seconds: 1 worker {results['prepare_1_worker']['cpu_seconds']['median']:.1f}, "
+          f"{pool_name} {results[pool_name]['cpu_seconds']['median']:.1f} -> estimated speedup on "
+          f"{args.workers} idle cores {report['estimated_speedup_on_idle_cores']:.2f}x")
   print(f"speedup of {pool_name} (medians): {report['speedup_vs_bare_loop']:.2f}x vs the bare loop, "
         f"{report['speedup_vs_prepare_1_worker']:.2f}x vs prepare with 1 worker")
-  print(f"peak memory, {pool_name}: {report['peak_rss_mb_1x']:.0f} MB at {size / 1e6:.0f} MB, "
-        f"{m2x['peak_rss_mb']:.0f} MB at {big / 1e6:.0f} MB")
+  if memory["1x"]:
+    print(f"peak memory, {pool_name}: max {max(m['peak_rss_mb'] for m in memory['1x']):.0f} MB at "
+          f"{size / 1e6:.0f} MB, max {max(m['peak_rss_mb'] for m in memory['2x']):.0f} MB at "
+          f"{big / 1e6:.0f} MB")
   print(uptime)
   Path(args.out).write_text(json.dumps(report, indent=2))
   print(f"wrote {args.out}")

@@ -76,7 +76,7 @@ def test_every_format_becomes_shards_with_a_manifest(tmp_path):
   assert sum(len(t.encode()) for t in text.values()) == sum(len(d.encode()) + 2 for d in docs)
   for doc in docs:
     assert (doc + "\n\n") in text["train"] or (doc + "\n\n") in text["val"]
-  assert not any(out.rglob("pending-*")) and not (out / "progress.json").exists()
+  assert not any(out.rglob("*.tmp")) and not (out / "progress.json").exists()
 
 
 def test_output_is_deterministic_and_independent_of_the_worker_count(tmp_path):
@@ -124,7 +124,7 @@ def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, monkeypatch):
   ref = tmp_path / "ref"
   for f in sorted(p for p in ref.rglob("*") if p.is_file()):
     assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes(), f
-  assert not any(out.rglob("pending-*")) and not any(out.rglob("*.tmp"))
+  assert not any(out.rglob("*.tmp"))
   assert prepare(*args, f"--output={out}") == 0  # already prepared: nothing to do
 
 
@@ -314,3 +314,54 @@ def test_prefetcher_yields_steps_in_order_measures_and_reraises():
       pre.get(9)
   finally:
     pre.close()
+
+
+def test_shard_writer_recovers_a_shard_renamed_after_the_last_save(tmp_path):
+  """A crash after a shard was renamed into place but before progress.json recorded it: the rerun
+  takes the shard back as the file being filled, truncated to the saved length."""
+  tokens = np.arange(30, dtype=np.uint16)
+  w = preplib.ShardWriter(tmp_path, "train", 10, "uint16", None)
+  w.add(tokens[:7], np.array([3, 7]))
+  w.sync()
+  saved = json.loads(json.dumps(w.state()))
+  assert w.add(tokens[7:15], np.array([8])) and (tmp_path / "train" / "00000.bin").exists()
+  w.file.close()  # the "crash": nothing after the save was recorded
+  w = preplib.ShardWriter(tmp_path, "train", 10, "uint16", saved)
+  assert w.add(tokens[7:15], np.array([8])) is True
+  w.add(tokens[15:], np.array([15]))
+  w.finish()
+  assert [s["tokens"] for s in w.shards] == [10, 10, 10]
+  assert [s["documents"] for s in w.shards] == [2, 1, 1]
+  got = np.concatenate([np.fromfile(tmp_path / s["file"], np.uint16) for s in w.shards])
+  np.testing.assert_array_equal(got, tokens)
+  assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["00000.bin", "00001.bin",
+                                                                     "00002.bin"]
+
+
+def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path):
+  import random
+  import signal
+  import subprocess
+  import time
+  write_corpus(tmp_path / "in")
+  args = [f"--input={tmp_path}/in/*", "--tokenizer=byte", "--shard_tokens=5000",
+          "--val_fraction=0.1", "--chunk_mb=0.01", "--noprogress"]
+  assert prepare(*args, f"--output={tmp_path}/ref") == 0
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "llmjax.data.prepare", *args, f"--output={out}", "--num_workers=2"]
+  env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+  rng, killed = random.Random(0), 0
+  for _ in range(4):
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "progress.json").exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    killed += proc.wait() == -signal.SIGKILL and (out / "progress.json").exists()
+  assert run_cli(cmd[1:]).returncode == 0
+  ref = tmp_path / "ref"
+  for f in sorted(p for p in ref.rglob("*") if p.is_file()):
+    assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes(), f
+  assert not any(out.rglob("*.tmp")) and not (out / "progress.json").exists()
+  assert killed >= 1, "no kill landed in the middle of a run"

@@ -252,107 +252,93 @@ def tokenize_task(index: int) -> dict:
 
 # -- shard writing ------------------------------------------------------------------------------------
 class ShardWriter:
-  """One split's stream of tokens cut into fixed-size shards.
+  """One split's stream of tokens cut into fixed-size shards, written as they arrive.
 
-  Tokens not yet in a finished shard are mirrored, at each save, into pending-<k>.bin (k: the
-  number of finished shards; appended to, so each token is written about twice at most), with their
-  document ends in pending-<k>.ends. progress.json records how many of those tokens are valid, so a
-  rerun restores the buffer and goes on with the next work unit.
+  The shard being filled is the file NNNNN.bin.tmp, appended to and renamed to NNNNN.bin when it
+  holds `shard_tokens` tokens, so memory stays at one work unit's tokens however large shards and
+  corpora are, and every token is written once. At each save the file is synced and progress.json
+  records how many of its tokens are valid; a rerun truncates it there and goes on with the next
+  work unit (a crash past that point left only tokens that the rerun writes again, identically).
   """
 
   def __init__(self, out: Path, split: str, shard_tokens: int, dtype: str, state: dict | None):
     self.dir, self.split, self.size, self.dtype = out / split, split, shard_tokens, np.dtype(dtype)
     self.dir.mkdir(parents=True, exist_ok=True)
-    state = state or {"shards": [], "pending": 0, "pending_docs": 0}
+    state = state or {"shards": [], "pending": 0, "pending_docs": 0, "pending_max": -1}
     self.shards = state["shards"]
-    self.buffer: list[np.ndarray] = []
-    self.doc_ends: list[np.ndarray] = []  # document ends, in buffer coordinates
-    self.buffered = self.persisted = self.persisted_docs = 0
-    if state["pending"] or state["pending_docs"]:
-      tokens = np.fromfile(self._pending(), self.dtype, count=state["pending"])
-      ends = np.fromfile(self._pending(".ends"), np.int64, count=state["pending_docs"])
-      if len(tokens) != state["pending"] or len(ends) != state["pending_docs"]:
-        raise DataError(f"{self._pending()} is shorter than {PROGRESS} says; delete "
-                        f"{out} and start again")
-      self.buffer, self.doc_ends, self.buffered = [tokens], [ends], len(tokens)
-      self.persisted, self.persisted_docs = len(tokens), len(ends)
+    self.filled, self.docs, self.max = state["pending"], state["pending_docs"], state["pending_max"]
+    tmp, final = self._tmp(), self._final()
+    if not tmp.exists() and final.exists() and self.filled:
+      os.replace(final, tmp)  # renamed by a run that stopped before it could save its progress
+    if self.filled and (not tmp.exists() or tmp.stat().st_size < self.filled * self.dtype.itemsize):
+      raise DataError(f"{tmp} is shorter than {PROGRESS} says; delete {out} and start again")
+    self.file = open(tmp, "r+b" if tmp.exists() else "wb")
+    self.file.truncate(self.filled * self.dtype.itemsize)  # drops what a crash left past the save
+    self.file.seek(self.filled * self.dtype.itemsize)
 
-  def _pending(self, suffix: str = "") -> Path:
-    return self.dir / f"pending-{len(self.shards)}{suffix}.bin"
+  def _final(self) -> Path:
+    return self.dir / f"{len(self.shards):05d}.bin"
+
+  def _tmp(self) -> Path:
+    return self.dir / f"{len(self.shards):05d}.bin.tmp"
 
   def state(self) -> dict:
-    return {"shards": self.shards, "pending": self.persisted, "pending_docs": self.persisted_docs}
+    return {"shards": self.shards, "pending": self.filled, "pending_docs": self.docs,
+            "pending_max": self.max}
 
   def add(self, tokens: np.ndarray, ends: np.ndarray) -> bool:
-    """Appends one work unit's tokens; returns whether a shard was finished."""
-    self.buffer.append(tokens)
-    self.doc_ends.append(ends + self.buffered)
-    self.buffered += len(tokens)
-    emitted = False
-    while self.buffered >= self.size:
-      self._emit(self.size)
-      emitted = True
-    return emitted
+    """Appends one work unit's tokens (and its document end offsets); returns whether a shard
+    was finished."""
+    finished = False
+    while len(tokens):
+      take = min(self.size - self.filled, len(tokens))
+      part = tokens[:take]
+      _write_bytes(self.file, part.tobytes(), sync=False)
+      self.filled += take
+      self.docs += int((ends <= take).sum())
+      self.max = max(self.max, int(part.max()))
+      tokens, ends = tokens[take:], ends[ends > take] - take
+      if self.filled == self.size:
+        self._finish_shard()
+        finished = True
+    return finished
 
-  def persist(self) -> None:
-    """Writes the buffered tokens not yet on disk to this generation's pending file."""
-    data = np.concatenate(self.buffer) if self.buffer else np.empty(0, self.dtype)
-    ends = np.concatenate(self.doc_ends) if self.doc_ends else np.empty(0, np.int64)
-    for path, values, done in ((self._pending(), data, self.persisted),
-                               (self._pending(".ends"), ends, self.persisted_docs)):
-      with open(path, "r+b" if path.exists() else "wb") as f:
-        f.truncate(done * values.itemsize)  # drops what a crash left past the saved length
-        f.seek(done * values.itemsize)
-        _write_bytes(f, values[done:].tobytes())
-    self.persisted, self.persisted_docs = len(data), len(ends)
-
-  def drop_stale_pending(self) -> None:
-    for f in self.dir.glob("pending-*"):
-      if f.name not in (self._pending().name, self._pending(".ends").name):
-        f.unlink()
+  def sync(self) -> None:
+    self.file.flush()
+    os.fsync(self.file.fileno())
 
   def finish(self) -> None:
-    if self.buffered:
-      self._emit(self.buffered)
+    """Closes the last, shorter shard (if any tokens are left)."""
+    if self.filled:
+      self._finish_shard()
+    self.file.close()
+    self._tmp().unlink(missing_ok=True)
 
-  def _emit(self, n: int) -> None:
-    data = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
-    ends = np.concatenate(self.doc_ends)
-    shard, rest = data[:n], data[n:]
+  def _finish_shard(self) -> None:
+    self.sync()
+    self.file.close()
     name = f"{self.split}/{len(self.shards):05d}.bin"
-    _write_shard(self.dir.parent / name, shard)
-    self.shards.append({"file": name, "tokens": int(n), "documents": int((ends <= n).sum()),
-                        "max_token_id": int(shard.max()) if n else -1})
-    self.buffer, self.buffered = ([rest], len(rest)) if len(rest) else ([], 0)
-    self.doc_ends = [ends[ends > n] - n]
-    self.persisted = self.persisted_docs = 0  # a new generation of pending files
+    os.replace(self._tmp(), self._final())
+    self.shards.append({"file": name, "tokens": self.filled, "documents": self.docs,
+                        "max_token_id": self.max})
+    self.filled, self.docs, self.max = 0, 0, -1
+    self.file = open(self._tmp(), "wb")
 
 
-def _write_bytes(f, data: bytes) -> None:
-  """Writes and syncs; the test-only byte budget stands in for a disk that fills up."""
+def _write_bytes(f, data: bytes, sync: bool = True) -> None:
+  """Writes (and syncs); the test-only byte budget stands in for a disk that fills up."""
   budget = os.environ.get(_TEST_DISK_BYTES)
   if budget is not None:
     left = int(budget)
     if len(data) > left:
       f.write(data[:left])
+      f.flush()
       raise OSError(errno.ENOSPC, "No space left on device (simulated)")
     os.environ[_TEST_DISK_BYTES] = str(left - len(data))
   f.write(data)
-  f.flush()
-  os.fsync(f.fileno())
-
-
-def _write_shard(path: Path, tokens: np.ndarray) -> None:
-  """Atomically: a crash or a full disk leaves either the whole shard or none of it."""
-  tmp = path.with_name(path.name + ".tmp")
-  data = tokens.tobytes()
-  try:
-    with open(tmp, "wb") as f:
-      _write_bytes(f, data)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  if sync:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 # -- driver -------------------------------------------------------------------------------------------
@@ -382,11 +368,9 @@ def prepare(args) -> dict:
   def save(next_task: int):
     """Called between work units, after every split took the previous one."""
     for w in writers.values():
-      w.persist()
+      w.sync()
     progress.update(next_task=next_task, splits={s: w.state() for s, w in writers.items()})
     _write_json(out / PROGRESS, progress)
-    for w in writers.values():
-      w.drop_stale_pending()
 
   first = progress.get("next_task", 0)
   init = (str(out), tasks, args.text_key, args.val_fraction, args.seed, dtype)
@@ -403,7 +387,8 @@ def prepare(args) -> dict:
       bar.update(result["bytes"])
   for w in writers.values():
     w.finish()
-  save(len(tasks))
+  progress.update(next_task=len(tasks), splits={s: w.state() for s, w in writers.items()})
+  _write_json(out / PROGRESS, progress)
   if bar is not None:
     bar.close()
   if not writers["val"].shards or not writers["train"].shards:
@@ -414,9 +399,6 @@ def prepare(args) -> dict:
   manifest = _manifest(args, options, progress, tok, fingerprint, dtype, len(tasks))
   _write_json(out / shardlib.MANIFEST, manifest)
   (out / PROGRESS).unlink()
-  for s in SPLITS:
-    for f in (out / s).glob("pending-*"):
-      f.unlink()
   t, v = manifest["splits"]["train"], manifest["splits"]["val"]
   _log(f"prepared {out}: {t['tokens']:,} train tokens in {len(t['shards'])} shard(s) "
        f"({t['documents']:,} documents), {v['tokens']:,} val tokens ({v['documents']:,} documents); "
