@@ -87,6 +87,8 @@ def race(args) -> dict:
     print(f"round {r + 1}: nanoGPT {nano['wall_s']:.1f} s (val {nano_val:.4f}); llmjax "
           f"{ours['wall_s']:.1f} s (val {ours['val_loss']:.4f}); time ratio "
           f"{row['time_ratio']:.2f} (load {load:.1f})", flush=True)
+  import shutil
+  shutil.rmtree(reference.parent, ignore_errors=True)  # the temporary copy of nanoGPT
   ratios = [r["time_ratio"] for r in rows]
   report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
             "steps": STEPS, "overrides": args.set, "rounds": rows,
