@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -289,6 +290,8 @@ def main(argv=None) -> dict:
               f"{statistics.median(samples[key]):8.1f} median so far (load {this['load'][0]:.1f})",
               flush=True)
 
+  if reference is not None:
+    shutil.rmtree(reference.parent, ignore_errors=True)  # the temporary copy of nanoGPT
   if args.peak_flops:
     peak, peak_source, bf16_peak = args.peak_flops, "--peak_flops", None
   else:

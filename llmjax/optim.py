@@ -49,6 +49,10 @@ def muon_dimension_numbers(params):
   """Per leaf: MuonDimensionNumbers for a layer's weight matrix, None (-> AdamW) for embeddings,
   the lm head, norms and biases (as in modded-nanogpt)."""
   from optax.contrib import MuonDimensionNumbers as Dims
+  import flax.linen as nn
+  # The train state is shaped from boxed (nn.Partitioned) params: decide on the plain arrays. The
+  # plain tree is a prefix of the boxed one, which is all optax's masking needs.
+  params = nn.meta.unbox(params)
 
   def decide(path, leaf):
     names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]

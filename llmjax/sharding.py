@@ -114,9 +114,11 @@ def tree_shardings(boxed_abstract, mesh: Mesh, rules):
   logical = nn.get_partition_spec(boxed_abstract)
   shapes = nn.meta.unbox(boxed_abstract)
   is_spec = lambda x: isinstance(x, P)
-  return jax.tree.map(
-      lambda names, leaf: NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), leaf.shape, mesh.shape)),
-      logical, shapes, is_leaf=is_spec)
+  def sharding(names, leaf):
+    if not hasattr(leaf, "shape"):  # an empty node, e.g. optax's MaskedNode (Muon's Adam part)
+      return leaf
+    return NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), leaf.shape, mesh.shape))
+  return jax.tree.map(sharding, logical, shapes, is_leaf=is_spec)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules):

@@ -109,3 +109,24 @@ def test_muon_orthogonalizes_layer_matrices_and_leaves_the_rest_to_adamw():
   emb = np.abs(np.asarray(updates["token_embedding"]))
   np.testing.assert_allclose(emb, emb.flat[0], rtol=1e-3)
   assert 1e-3 <= emb.flat[0] < 2e-3
+
+
+def test_muon_trains_through_the_program(tmp_path):
+  """The train state is shaped from boxed (partitioned) params; Muon's masks must still find the
+  layer matrices there, and steps must run and lower the loss."""
+  from llmjax import loop
+  config = cfglib.default_config()
+  config.model.update(num_layers=2, num_heads=2, embed_dim=32, max_seq_len=32)
+  config.data.update(seq_len=32, batch_size=4)
+  config.optim.update(optimizer="muon", warmup_steps=0)
+  config.train.update(steps=10)
+  run = loop.Run(config, str(tmp_path))
+  state = run.initial_state()
+  mu = state.opt_state[1].inner_states["muon"].inner_state[0].mu
+  assert mu["layers"]["mlp"]["fc"]["kernel"].shape == state.params["layers"]["mlp"]["fc"]["kernel"].shape
+  losses = []
+  with run.program.scope():
+    for step in range(6):
+      state, metrics = run.train_step(state, run.batch("train", 0))
+      losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
