@@ -176,7 +176,15 @@ def evaluate_multiple_choice(ctx: Context, examples) -> Result:
 def evaluate_prompt_completion(ctx: Context, examples) -> Result:
   """Generates a completion for each prompt (greedy, or sampled with a seed; stopped at EOS and
   the --stop strings) and scores it against the reference completion."""
-  prompts = [_encode(ctx, ex, ex.prompt, i) for i, ex in enumerate(examples)]
+  from llmjax.data.chat import encode_plain
+  from llmjax.data.task_data import bos_prefix
+  bos = bos_prefix(ctx.scorer.tokenizer)
+  prompts = []
+  for i, ex in enumerate(examples):  # encoded as fine-tuning encodes prompts
+    try:
+      prompts.append(bos + encode_plain(ctx.scorer.tokenizer, ex.prompt))
+    except ValueError as e:
+      raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
   return _generate_and_score(ctx, "prompt_completion", prompts, [ex.completion for ex in examples],
                              [ex.prompt for ex in examples], ctx.options.stop)
 
