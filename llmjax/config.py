@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
                                   # 'all' tokens, or 'last_turn' (the last assistant turn only)
   c.data.truncate = "right"     # over-long examples: cut 'left' / 'right', 'drop' them, or
                                 # 'none' (fail at start naming the first one)
+  c.data.sp_split_digits = False  # a trained sentencepiece vocabulary splits numbers into digits
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -239,6 +240,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
   _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
   _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
+  _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
+        f"train.keep_best={t.keep_best!r} must name a validation metric, e.g. 'val/loss' or "
+        "'val/accuracy'")
+  _need(d.format == "auto" or _is_task_path(d.path) or not d.path,
+        f"data.format={d.format!r} needs task data in data.path (.jsonl, .parquet or a datasets "
+        f"directory), got {d.path!r}")
   _validate_checkpointing(t)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
@@ -263,6 +270,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _need(d.seq_len % sizes["sequence"] == 0,
           f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={sizes['sequence']}; "
           "use a sequence-parallel size that divides the sequence length")
+
+
+def _is_task_path(path: str) -> bool:
+  from llmjax.data.formats import is_task_path
+  return is_task_path(path)
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

@@ -162,6 +162,29 @@ class Run:
     return shd.put_batch(host, self.mesh)
 
   # -- evaluation --------------------------------------------------------------------------------
+  def keep_if_best(self, state, step: int, result: dict) -> None:
+    """train.keep_best: when `result` improves the metric, makes sure checkpoint `step` exists
+    and records it as the best (checkpoints/best.json); retention never deletes that step."""
+    metric = self.config.train.keep_best
+    if not metric:
+      return
+    name = metric[len("val/"):] if metric.startswith("val/") else metric
+    if name not in result:
+      raise cfglib.ConfigError(f"train.keep_best={metric!r}: validation reports no {name!r} "
+                               f"(it reports {', '.join('val/' + k for k in result)}); pick one")
+    value, mode = float(result[name]), ckpt.metric_mode(name)
+    best = ckpt.read_best(self.checkpointer.directory)
+    if best is not None and best.get("metric") == metric:
+      if (value >= best["value"]) if mode == "min" else (value <= best["value"]):
+        return
+    if self.checkpointer.latest_step() != step:
+      self.save(state, step)
+    self.checkpointer.wait()  # only a complete checkpoint may be named the best
+    if self.is_writer:
+      ckpt.write_best(self.checkpointer.directory,
+                      {"metric": metric, "value": value, "step": int(step), "mode": mode})
+    log(f"step {step}: best {metric} so far ({value:.6g}); checkpoint {step} is kept")
+
   def evaluate(self, params, num_batches: int | None = None) -> dict:
     if num_batches is None and hasattr(self.dataset, "num_batches"):
       # task data: the whole validation set exactly once (empty rows pad the last batch)
@@ -211,13 +234,13 @@ def _add_new_leaves(program, params):
 
 
 def parse_init_from(spec: str):
-  """'<workdir>[:step]' -> (workdir, step or None); '' -> None."""
+  """'<workdir>[:step|:best]' -> (workdir, step, 'best' or None); '' -> None."""
   if not spec:
     return None
   path, step = spec, None
   head, sep, tail = spec.rpartition(":")
-  if sep and tail.isdigit():
-    path, step = head, int(tail)
+  if sep and (tail.isdigit() or tail == "best"):
+    path, step = head, int(tail) if tail.isdigit() else tail
   return path, step
 
 
@@ -303,6 +326,7 @@ def train(config, workdir: str) -> dict:
     run.save(state, final_step)
   result = run.evaluate(state.params)
   writer.write(final_step, result, prefix="val")
+  run.keep_if_best(state, final_step, result)
   log(f"step {final_step}: " + evallib.describe_metrics(result))
   run.checkpointer.wait()
   if run.is_writer:
@@ -352,7 +376,9 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
           progress.set_postfix(loss=f"{values['loss']:.4f}",
                                tok_s=f"{values['tokens_per_sec']:,.0f}", mfu=f"{values['mfu']:.1%}")
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-        writer.write(done, run.evaluate(state.params), prefix="val")
+        result = run.evaluate(state.params)
+        writer.write(done, result, prefix="val")
+        run.keep_if_best(state, done, result)
         last_log_time = time.perf_counter()  # eval time is not step time
       preempted = multi_host and run.checkpointer.manager.reached_preemption(done)
       if stop.requested() or preempted:
@@ -360,7 +386,8 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         run.save(state, done)
         run.checkpointer.wait()
         return state, stop.signal_name or "preemption notice"
-      if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+      if (t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps
+          and run.checkpointer.latest_step() != done):  # keep_best may have saved it already
         _check_nonfinite(run, jax.device_get(pending), done)  # never checkpoint a halted run
         run.save(state, done)
   return state, None
