@@ -35,7 +35,7 @@ class LlmjaxLM(LM):
       if not workdir:
         raise ValueError("the llmjax lm-eval model needs workdir=<run directory>")
       from llmjax.eval import loading
-      run = loading.load(workdir, None if step in (None, "") else int(step))
+      run = loading.load(workdir, step)  # a step number, 'best' or None (the latest)
       scorer = Scorer.from_run(run, int(batch_size))
       self.step = run.step
     self.scorer, self.seed = scorer, int(seed)
