@@ -227,3 +227,11 @@ def test_chat_generates_the_last_assistant_turn(run_dir, tmp_path):
   bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
   with pytest.raises(TaskError, match="bad_chat.jsonl:1: a chat to evaluate must end with an assistant"):
     runner.evaluate_file(str(run_dir), str(bad))
+
+
+def test_llmjax_model_is_registered_next_to_lm_evals_own():
+  pytest.importorskip("lm_eval")
+  from lm_eval.api.registry import get_model
+  from llmjax.eval import harness
+  assert get_model("llmjax") is harness.LlmjaxLM
+  assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's built-ins still resolve

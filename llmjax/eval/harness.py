@@ -12,6 +12,8 @@ once this module is imported (lm-eval 0.4 has no plugin entry point that would i
 """
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an
+                       # empty registry, so registering ours first would hide "hf", "vllm", ...)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
