@@ -56,8 +56,9 @@ def classifier_dir(tmp_path_factory):
   c.data.update(path=str(base / "train.jsonl"), val_path=str(base / "test.jsonl"), seq_len=40,
                 batch_size=16)
   c.optim.update(warmup_steps=5, lr=3e-3)
-  c.train.update(objective="classification", steps=20, log_every=10, eval_every=0, eval_batches=3,
-                 checkpoint_every=0, progress=False, tensorboard=False, sample_tokens=0)
+  c.train.update(objective="classification", steps=20, log_every=10, eval_every=10, eval_batches=3,
+                 checkpoint_every=0, keep_best="val/accuracy", keep_checkpoints=0, progress=False,
+                 tensorboard=False, sample_tokens=0)
   cfglib.validate(c, 1)
   final = loop.train(c, str(base / "run"))
   return base, final
@@ -194,6 +195,12 @@ def test_classification_uses_the_head_and_the_saved_labels(classifier_dir, run_d
   assert summary["macro_f1"] == pytest.approx(skm.f1_score(truth, pred, average="macro"))
   for r in records:  # the prediction is the head's argmax
     assert r["prediction"] == cm["labels"][max(range(3), key=lambda k: r["logits"][k])]
+
+  # --step=best: the checkpoint train.keep_best kept (by validation accuracy on this very file)
+  best = json.loads((base / "run" / "checkpoints" / "best.json").read_text())
+  at_best, _ = runner.evaluate_file(str(base / "run"), str(base / "test.jsonl"), step="best")
+  assert at_best["step"] == best["step"]
+  assert at_best["accuracy"] == pytest.approx(best["value"])
 
   unseen = tmp_path / "unseen.jsonl"
   unseen.write_text('{"text": "a good cat", "label": "pos"}\n{"text": "a cat", "label": "other"}\n')

@@ -15,7 +15,7 @@ def read(path: str, fmt: str | None):
 
 
 def parse_step(step):
-  if step is None or isinstance(step, int):
+  if step is None or isinstance(step, int) or step == "best":  # 'best': checkpoint.resolve_step
     return step
   try:
     return int(step)
