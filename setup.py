@@ -24,6 +24,9 @@ setup(
         # python -m llmjax.evaluate: reference BLEU/chrF and ROUGE (tested: 2.6.0, 0.1.2)
         "sacrebleu>=2.3",
         "rouge-score>=0.1.2",
+        # chat templates (llmjax/data/chat.py): the sandboxed jinja2 that transformers renders
+        # Hugging Face chat templates with; >=3.1.6 as transformers requires (sandbox fixes)
+        "jinja2>=3.1.6",
     ],
     extras_require={
         "test": [
@@ -38,6 +41,7 @@ setup(
             "tokenizers>=0.23.1,<0.24",
             "lm-eval>=0.4.13,<0.5",  # tests/test_evaluate_cli.py: the lm-eval adapter
             "scikit-learn>=1.3",     # tests/test_eval_metrics.py: macro-F1 / confusion reference
+            "pyarrow>=14", "datasets>=2.14",  # tests/test_formats.py: Parquet and datasets dirs
         ],
         # python -m llmjax.lm_eval: lm-evaluation-harness tasks on a run (tested with 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5"],
@@ -46,6 +50,8 @@ setup(
         "hf": ["tokenizers>=0.23.1", "huggingface_hub>=1.31"],
         # benchmarks/nanogpt_reference.py: the PyTorch nanoGPT twin timed against llmjax
         "bench": ["torch>=2.1"],  # measured with torch 2.13.0 (CPU wheel)
+        # task data in Parquet files / `datasets` save_to_disk directories (llmjax/data/formats.py)
+        "data": ["pyarrow>=14", "datasets>=2.14"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -243,7 +243,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
         f"train.keep_best={t.keep_best!r} must name a validation metric, e.g. 'val/loss' or "
         "'val/accuracy'")
-  _need(d.format == "auto" or _is_task_path(d.path) or not d.path,
+  _need(d.format == "auto" or _is_task_path(d.path),
         f"data.format={d.format!r} needs task data in data.path (.jsonl, .parquet or a datasets "
         f"directory), got {d.path!r}")
   _validate_checkpointing(t)
