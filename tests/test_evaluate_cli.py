@@ -162,6 +162,18 @@ def test_bad_input_is_one_line(run_dir, tmp_path):
   for path, message in cases:
     with pytest.raises((TaskError, DataError), match=message):
       runner.evaluate_file(str(run_dir), path)
+  with pytest.raises(DataError, match=r"missing.jsonl:1: missing key\(s\) answer"):
+    runner.evaluate_file(str(run_dir), bad("missing.jsonl", '{"prompt": "a", "choices": ["b", "c"]}\n'),
+                         fmt="multiple_choice")
+  # a format the data layer reads but no evaluation task handles
+  from llmjax.data import formats
+  formats.register_format("toy_pairs", ("left", "right"), lambda record, where: record)
+  try:
+    with pytest.raises(TaskError, match="holds toy_pairs examples, which llmjax.evaluate cannot "
+                                        "evaluate; it evaluates chat, classification"):
+      runner.evaluate_file(str(run_dir), bad("pairs.jsonl", '{"left": "a", "right": "b"}\n'))
+  finally:
+    del formats.FORMATS["toy_pairs"]
   with pytest.raises(FileNotFoundError, match="is not an llmjax run directory"):
     runner.evaluate_file(str(tmp_path), str(MC))
   with pytest.raises(TaskError, match="not a metric of multiple_choice data; choose from acc"):
