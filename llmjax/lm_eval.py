@@ -20,7 +20,8 @@ import sys
 from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "A run directory (training run or HF import).")
-flags.DEFINE_string("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("step", None, "Checkpoint step to evaluate, or 'best' (train.keep_best's); "
+                    "default: the latest.")
 flags.DEFINE_list("tasks", None, "lm-eval task (or group) names, comma-separated.")
 flags.DEFINE_string("include_path", None, "A directory of extra lm-eval task YAML files.")
 flags.DEFINE_integer("num_fewshot", None, "Few-shot examples per prompt (default: the task's).")
@@ -94,12 +95,6 @@ def main(argv):
     if limit <= 0:
       fail(f"--limit={limit} must be positive")
     limit = int(limit) if limit >= 1 else limit
-  step = None
-  if FLAGS.step is not None:
-    try:
-      step = int(FLAGS.step)
-    except ValueError:
-      fail(f"--step={FLAGS.step} must be a checkpoint step number")
   logging.set_verbosity(logging.WARNING)
   try:
     import lm_eval
@@ -114,7 +109,7 @@ def main(argv):
 
   manager = _task_manager(FLAGS.tasks)
   try:
-    run = loading.load(FLAGS.workdir, step)
+    run = loading.load(FLAGS.workdir, FLAGS.step)  # checkpoint.resolve_step: N | best
     model = harness.LlmjaxLM(scorer=Scorer.from_run(run, FLAGS.batch_size), seed=FLAGS.seed)
     results = lm_eval.simple_evaluate(
         model=model, tasks=FLAGS.tasks, num_fewshot=FLAGS.num_fewshot, limit=limit,

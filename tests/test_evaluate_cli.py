@@ -35,6 +35,35 @@ def run_dir(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+  """A 2-layer char model fine-tuned from scratch for 3-way classification (20 steps), validated
+  during training on the same held-out file the tests evaluate."""
+  import random
+  base = tmp_path_factory.mktemp("cls")
+  rng = random.Random(0)
+  words = "the a cat dog ran sat on mat big small red blue".split()
+
+  def example():
+    label = rng.choice(["pos", "neg", "neutral"])
+    text = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+    text.insert(rng.randint(0, len(text)), {"pos": "good", "neg": "bad", "neutral": "okay"}[label])
+    return json.dumps({"text": " ".join(text), "label": label}) + "\n"
+  (base / "train.jsonl").write_text("".join(example() for _ in range(200)))
+  (base / "test.jsonl").write_text("".join(example() for _ in range(40)))
+  c = cfglib.default_config()
+  c.model.update(num_layers=2, embed_dim=32, num_heads=2, max_seq_len=48)
+  c.data.update(path=str(base / "train.jsonl"), val_path=str(base / "test.jsonl"), seq_len=40,
+                batch_size=16)
+  c.optim.update(warmup_steps=5, lr=3e-3)
+  c.train.update(objective="classification", steps=20, log_every=10, eval_every=10, eval_batches=3,
+                 checkpoint_every=0, keep_best="val/accuracy", keep_checkpoints=0, progress=False,
+                 tensorboard=False, sample_tokens=0)
+  cfglib.validate(c, 1)
+  final = loop.train(c, str(base / "run"))
+  return base, final
+
+
 def lines(path):
   return [json.loads(l) for l in path.read_text().splitlines()]
 
@@ -133,6 +162,18 @@ def test_bad_input_is_one_line(run_dir, tmp_path):
   for path, message in cases:
     with pytest.raises((TaskError, DataError), match=message):
       runner.evaluate_file(str(run_dir), path)
+  with pytest.raises(DataError, match=r"missing.jsonl:1: missing key\(s\) answer"):
+    runner.evaluate_file(str(run_dir), bad("missing.jsonl", '{"prompt": "a", "choices": ["b", "c"]}\n'),
+                         fmt="multiple_choice")
+  # a format the data layer reads but no evaluation task handles
+  from llmjax.data import formats
+  formats.register_format("toy_pairs", ("left", "right"), lambda record, where: record)
+  try:
+    with pytest.raises(TaskError, match="holds toy_pairs examples, which llmjax.evaluate cannot "
+                                        "evaluate; it evaluates chat, classification"):
+      runner.evaluate_file(str(run_dir), bad("pairs.jsonl", '{"left": "a", "right": "b"}\n'))
+  finally:
+    del formats.FORMATS["toy_pairs"]
   with pytest.raises(FileNotFoundError, match="is not an llmjax run directory"):
     runner.evaluate_file(str(tmp_path), str(MC))
   with pytest.raises(TaskError, match="not a metric of multiple_choice data; choose from acc"):
@@ -149,3 +190,67 @@ def test_bad_input_is_one_line(run_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert out.read_text() == "precious\n"
+
+
+def test_classification_uses_the_head_and_the_saved_labels(classifier_dir, run_dir, tmp_path):
+  base, final = classifier_dir
+  summary, records = runner.evaluate_file(str(base / "run"), str(base / "test.jsonl"), batch_size=16)
+  assert summary["format"] == "classification" and summary["examples"] == 40
+  # the same numbers as training's own validation on this file (its jitted eval sums)
+  assert summary["accuracy"] == pytest.approx(final["accuracy"])
+  assert summary["macro_f1"] == pytest.approx(final["macro_f1"])
+  cm = summary["confusion_matrix"]
+  assert cm["labels"] == ["neg", "neutral", "pos"]
+  skm = pytest.importorskip("sklearn.metrics")
+  truth, pred = [r["label"] for r in records], [r["prediction"] for r in records]
+  assert cm["counts"] == skm.confusion_matrix(truth, pred, labels=cm["labels"]).tolist()
+  assert summary["macro_f1"] == pytest.approx(skm.f1_score(truth, pred, average="macro"))
+  for r in records:  # the prediction is the head's argmax
+    assert r["prediction"] == cm["labels"][max(range(3), key=lambda k: r["logits"][k])]
+
+  # --step=best: the checkpoint train.keep_best kept (by validation accuracy on this very file)
+  best = json.loads((base / "run" / "checkpoints" / "best.json").read_text())
+  at_best, _ = runner.evaluate_file(str(base / "run"), str(base / "test.jsonl"), step="best")
+  assert at_best["step"] == best["step"]
+  assert at_best["accuracy"] == pytest.approx(best["value"])
+
+  unseen = tmp_path / "unseen.jsonl"
+  unseen.write_text('{"text": "a good cat", "label": "pos"}\n{"text": "a cat", "label": "other"}\n')
+  with pytest.raises(TaskError, match=r"unseen.jsonl:2: label 'other' was never seen in training; "
+                                      r"the run knows neg, neutral, pos"):
+    runner.evaluate_file(str(base / "run"), str(unseen))
+  with pytest.raises(TaskError, match="need a language-model head, but .* is a classification"):
+    runner.evaluate_file(str(base / "run"), str(MC))
+  with pytest.raises(TaskError, match="need a classification head, but .* is a language model"):
+    runner.evaluate_file(str(run_dir), str(base / "test.jsonl"))
+
+
+def test_chat_generates_the_last_assistant_turn(run_dir, tmp_path):
+  chats = tmp_path / "chat.jsonl"
+  chats.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [
+      [{"role": "user", "content": "What is a list?"},
+       {"role": "assistant", "content": "A mutable sequence."}],
+      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a loop."},
+       {"role": "assistant", "content": "for"}, {"role": "user", "content": "Another?"},
+       {"role": "assistant", "content": "while"}]]))
+  summary, records = runner.evaluate_file(str(run_dir), str(chats), batch_size=4,
+                                          options=Options(max_new_tokens=16))
+  assert summary["format"] == "chat" and set(summary) >= {"exact_match", "f1", "bleu", "rougeL"}
+  # the default template's prompt, ending in its generation prompt; char tokenizers have no EOS,
+  # so a reply ends at the template's end-of-turn newline
+  assert records[0]["prompt"] == "User: What is a list?\nAssistant:"
+  assert records[1]["prompt"].startswith("Be brief.\n\nUser: Name a loop.\nAssistant: for\n")
+  assert [r["reference"] for r in records] == ["A mutable sequence.", "while"]
+  assert all("\n" not in r["prediction"] for r in records)
+  bad = tmp_path / "bad_chat.jsonl"
+  bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+  with pytest.raises(TaskError, match="bad_chat.jsonl:1: a chat to evaluate must end with an assistant"):
+    runner.evaluate_file(str(run_dir), str(bad))
+
+
+def test_llmjax_model_is_registered_next_to_lm_evals_own():
+  pytest.importorskip("lm_eval")
+  from lm_eval.api.registry import get_model
+  from llmjax.eval import harness
+  assert get_model("llmjax") is harness.LlmjaxLM
+  assert get_model("dummy").__name__ == "DummyLM"  # lm-eval's built-ins still resolve

@@ -1,7 +1,7 @@
 """`python -m llmjax.evaluate --workdir=RUN --data=test.jsonl`: task metrics of a run on a data file.
 
     python -m llmjax.evaluate --workdir=runs/ft --data=test.jsonl [--output=predictions.jsonl]
-        [--metrics=exact_match,f1] [--step=N] [--max_new_tokens=64] [--temperature=0 --seed=0]
+        [--metrics=exact_match,f1] [--step=N|best] [--max_new_tokens=64] [--temperature=0 --seed=0]
         [--stop=STRING ...] [--batch_size=16] [--format=...]
 
 The format of the examples (text, prompt_completion, multiple_choice, classification, ...)
@@ -25,7 +25,8 @@ flags.DEFINE_string("format", None, "The examples' format (default: from their k
 flags.DEFINE_string("output", None, "Write per-example predictions here (JSON Lines).")
 flags.DEFINE_bool("overwrite", False, "Allow --output to replace an existing file.")
 flags.DEFINE_list("metrics", None, "Metrics to report (default: the format's usual ones).")
-flags.DEFINE_string("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("step", None, "Checkpoint step to evaluate, or 'best' (train.keep_best's); "
+                    "default: the latest.")
 flags.DEFINE_integer("max_new_tokens", 64, "Generation: tokens per completion (at most).")
 flags.DEFINE_float("temperature", 0.0, "Generation: 0 is greedy; > 0 samples (with --seed).")
 flags.DEFINE_integer("top_k", 0, "Generation: keep only the k most likely tokens (0: all).")

@@ -2,8 +2,8 @@
 
 It answers lm-eval's three request types with the same batched `Scorer` the task runner uses:
 loglikelihood (context/continuation split as `encode_pair`), loglikelihood_rolling (disjoint
-windows of the model's context, as lm-eval's own Hugging Face model makes them; the EOS token is
-the prefix, and a tokenizer without one leaves each document's first token unscored) and
+windows of the model's context, as lm-eval's own Hugging Face model makes them, after the BOS or
+EOS token; a tokenizer with neither leaves each document's first token unscored) and
 generate_until (batched KV-cached generation, stopped at EOS and the `until` strings).
 
 Used by `python -m llmjax.lm_eval` and, in Python, with `lm_eval.simple_evaluate(model=
@@ -12,11 +12,14 @@ once this module is imported (lm-eval 0.4 has no plugin entry point that would i
 """
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an
+                       # empty registry, so registering ours first would hide "hf", "vllm", ...)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llmjax.eval.scoring import Scorer, encode_pair
+from llmjax.data.chat import encode_plain
+from llmjax.eval.scoring import Scorer, document_prefix, encode_pair, encode_text
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task gives no max_gen_toks
 
@@ -35,16 +38,16 @@ class LlmjaxLM(LM):
       if not workdir:
         raise ValueError("the llmjax lm-eval model needs workdir=<run directory>")
       from llmjax.eval import loading
-      run = loading.load(workdir, None if step in (None, "") else int(step))
+      run = loading.load(workdir, step)  # a step number, 'best' or None (the latest)
       scorer = Scorer.from_run(run, int(batch_size))
       self.step = run.step
     self.scorer, self.seed = scorer, int(seed)
     self.tokenizer = scorer.tokenizer
 
   # -- helpers -------------------------------------------------------------------------------------
-  def _encode(self, text: str) -> list[int]:
+  def _encode(self, text: str, bos: bool = True) -> list[int]:
     try:
-      return list(self.tokenizer.encode(text))
+      return encode_text(self.tokenizer, text) if bos else encode_plain(self.tokenizer, text)
     except ValueError as e:
       raise RequestError(f"cannot encode an lm-eval request with this run's tokenizer: {e}") from None
 
@@ -53,8 +56,9 @@ class LlmjaxLM(LM):
       context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation)
     except ValueError as e:
       raise RequestError(f"cannot encode an lm-eval request with this run's tokenizer: {e}") from None
-    if not context_ids and self.tokenizer.eos_id is not None:
-      context_ids = [self.tokenizer.eos_id]  # an empty context conditions on end-of-sequence
+    prefix = document_prefix(self.tokenizer)
+    if not context_ids and prefix is not None:
+      context_ids = [prefix]  # an empty context conditions on BOS/EOS, as lm-eval's HF model
     return context_ids, continuation_ids
 
   # -- lm-eval's interface -------------------------------------------------------------------------
@@ -66,14 +70,13 @@ class LlmjaxLM(LM):
     return results
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-    eos = self.tokenizer.eos_id
+    first = document_prefix(self.tokenizer)
     spans, pairs = [], []
     for r in requests:
-      ids = self._encode(r.args[0])
-      if eos is None:  # nothing to condition the first token on: it goes unscored
+      ids = self._encode(r.args[0], bos=False)
+      prefix = first
+      if prefix is None:  # nothing to condition the first token on: it goes unscored
         ids, prefix = ids[1:], (ids[0] if ids else 0)
-      else:
-        prefix = eos
       windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
           ids, prefix_token=prefix, max_seq_len=self.scorer.context, context_len=1)]
       spans.append((len(pairs), len(pairs) + len(windows)))

@@ -48,16 +48,33 @@ def _classify_rows(model, params, inputs, segment_ids, positions):
   return jax.lax.with_sharding_constraint(logits.astype(jnp.float32), P())
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+  """Token ids of `text` as fine-tuning encodes a prompt: the tokenizer's own BOS (if it puts one
+  before text, e.g. Llama's) and then the plain text, with no EOS."""
+  from llmjax.data.chat import encode_plain
+  from llmjax.data.task_data import bos_prefix
+  return bos_prefix(tokenizer) + encode_plain(tokenizer, text)
+
+
+def document_prefix(tokenizer) -> int | None:
+  """The token a whole document is scored after: BOS if the tokenizer uses one, else EOS (how
+  training separates documents), else none (char and byte tokenizers)."""
+  from llmjax.data.task_data import bos_prefix
+  bos = bos_prefix(tokenizer)
+  return bos[-1] if bos else tokenizer.eos_id
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """Token ids of a context and its continuation, split as lm-evaluation-harness splits them:
   trailing spaces of the context move to the continuation, the pair is encoded as one string, and
   the continuation is what follows the context's own encoding. (Encoding the two halves
-  separately would score token boundaries the model never saw in training.)"""
+  separately would score token boundaries the model never saw in training.) Both start with the
+  tokenizer's BOS when it uses one (`encode_text`)."""
   spaces = len(context) - len(context.rstrip(" "))
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
-  whole = list(tokenizer.encode(context + continuation))
-  head = list(tokenizer.encode(context)) if context else []
+  whole = encode_text(tokenizer, context + continuation)
+  head = encode_text(tokenizer, context)
   return whole[: len(head)], whole[len(head):]
 
 

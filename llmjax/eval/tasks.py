@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from llmjax.eval import metrics as M
-from llmjax.eval.scoring import Scorer, encode_pair
+from llmjax.eval.scoring import Scorer, document_prefix, encode_pair, encode_text
 
 
 class TaskError(ValueError):
@@ -82,9 +82,13 @@ def _where(example, i: int) -> str:
   return getattr(example, "source", "") or f"example {i + 1}"
 
 
-def _encode(ctx: Context, ex, text: str, i: int) -> list[int]:
+def _encode(ctx: Context, ex, text: str, i: int, bos: bool = True) -> list[int]:
+  """`text`'s ids as fine-tuning encodes it (with the tokenizer's BOS unless bos=False)."""
+  from llmjax.data.chat import encode_plain
   try:
-    return list(ctx.scorer.tokenizer.encode(text))
+    if bos:
+      return encode_text(ctx.scorer.tokenizer, text)
+    return encode_plain(ctx.scorer.tokenizer, text)
   except ValueError as e:  # e.g. a character a char tokenizer never saw
     raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
 
@@ -96,19 +100,19 @@ def _pick(metrics: dict, names: Sequence[str]) -> dict:
 # -- language modelling ----------------------------------------------------------------------------
 @register("text", metrics=("loss", "perplexity", "bits_per_byte"))
 def evaluate_text(ctx: Context, examples) -> Result:
-  """Every token of every document scored given all preceding text that fits the context. With an
-  EOS token the first token is scored after EOS (how training separates documents); without one
-  it is not scored, and its bytes are not counted."""
+  """Every token of every document scored given all preceding text that fits the context. The
+  first token is scored after BOS or EOS (`document_prefix`); a tokenizer with neither (char,
+  byte) leaves it unscored, and its bytes are not counted."""
   scorer, tokenizer = ctx.scorer, ctx.scorer.tokenizer
-  eos = tokenizer.eos_id
+  prefix = document_prefix(tokenizer)
   requests, spans, counts, sizes = [], [], [], []
   for i, ex in enumerate(examples):  # every document's windows go into one batched call
-    ids = _encode(ctx, ex, ex.text, i)
-    windows, n = scorer.rolling_requests(ids, eos)
+    ids = _encode(ctx, ex, ex.text, i, bos=False)
+    windows, n = scorer.rolling_requests(ids, prefix)
     spans.append((len(requests), len(requests) + len(windows)))
     requests.extend(windows)
     counts.append(n)
-    scored_text = ex.text if eos is not None else tokenizer.decode(ids[1:])
+    scored_text = ex.text if prefix is not None else tokenizer.decode(ids[1:])
     sizes.append(len(scored_text.encode("utf-8")))
   results = scorer.loglikelihood(requests) if requests else []
   records = []
@@ -147,8 +151,9 @@ def evaluate_multiple_choice(ctx: Context, examples) -> Result:
         raise TaskError(f"{_where(ex, i)}: cannot encode with this run's tokenizer: {e}") from None
       if not requests[-1][1]:
         raise TaskError(f"{_where(ex, i)}: choice {choice!r} encodes to no tokens")
-      if not requests[-1][0] and ctx.scorer.tokenizer.eos_id is not None:
-        requests[-1] = ([ctx.scorer.tokenizer.eos_id], requests[-1][1])
+      prefix = document_prefix(ctx.scorer.tokenizer)
+      if not requests[-1][0] and prefix is not None:  # an empty prompt: condition on BOS/EOS
+        requests[-1] = ([prefix], requests[-1][1])
     spans.append((start, len(requests)))
   results = ctx.scorer.loglikelihood(requests)
   hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
