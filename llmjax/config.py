@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from llmjax.model import FAMILIES
 from llmjax.model.config import TransformerConfig
 from llmjax.model.transformer import REMAT_POLICIES
 
@@ -39,6 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=12,         # global batch, in sequences, per optimizer step
       packing=False,         # segment ids from end-of-document tokens (tokenizers with an EOS)
   ))
+  # --- issue 11 (encoders) ---------------------------------------------------------------------
+  # Special tokens appended after a char/byte/sentencepiece vocabulary (HF tokenizers bring their
+  # own), e.g. '[PAD],[UNK],[CLS],[SEP],[MASK]' for masked-LM pretraining.
+  c.data.special_tokens = ""
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -120,7 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "model.position": ("learned", "rotary", "none"),
+    "model.position": ("learned", "rotary", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
@@ -129,6 +134,8 @@ CHOICES = {
     "model.logits_dtype": ("float32", "bfloat16"),
     "model.remat_policy": tuple(REMAT_POLICIES),
     "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.family": tuple(FAMILIES),         # issue 11: model families register in llmjax.model
+    "model.norm_position": ("pre", "post"),  # issue 11
     "data.tokenizer": ("char", "byte", "sentencepiece", "hf"),
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant"),
