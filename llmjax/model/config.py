@@ -102,9 +102,11 @@ def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
   per_layer = attn + mlp + 2 * norm
   total = cfg.num_layers * per_layer + (norm if cfg.norm_position == "pre" else 0)
   if cfg.family == "encoder":
-    # embedding norm; MLM head (transform dense + norm, decoder bias); pooler; NSP classifier
-    total += norm + d * d + b * d + norm + v
-    total += (d * d + d) * cfg.pooler + (2 * d + 2) * cfg.nsp_head
+    # embedding norm; pooler; then either the classifier (num_labels > 0, added below) or the
+    # MLM head (transform dense + norm, decoder bias) and the NSP classifier
+    total += norm + (d * d + d) * cfg.pooler
+    if not getattr(cfg, "num_labels", 0):
+      total += d * d + b * d + norm + v + (2 * d + 2) * cfg.nsp_head
   if include_embeddings:
     total += v * d + cfg.type_vocab_size * d
     if cfg.position == "learned":

@@ -10,7 +10,9 @@ Heads:
 - masked LM (always): dense -> activation -> norm -> decoder tied to the token embeddings (or its
   own kernel when tie_embeddings=False) plus a per-token output bias, as BERT's cls.predictions;
 - pooler (model.pooler): dense + tanh on the first ([CLS]) token, for classification;
-- next-sentence prediction (model.nsp_head): 2 logits from the pooled output.
+- next-sentence prediction (model.nsp_head): 2 logits from the pooled output;
+- classification (model.num_labels > 0, the fine-tuning head): label logits from the pooled first
+  token, replacing the masked-LM and NSP heads.
 """
 from __future__ import annotations
 
@@ -106,6 +108,9 @@ class Encoder(nn.Module):
     if return_hidden:
       return x
 
+    if getattr(cfg, "num_labels", 0) > 0:
+      return self._classify(x, deterministic)
+
     init = self.is_initializing()
     pooled = None
     if cfg.pooler and (init or return_pooled or return_nsp):
@@ -128,3 +133,16 @@ class Encoder(nn.Module):
         raise ValueError("return_nsp needs model.nsp_head=True")
       return logits, nsp
     return logits
+
+  @nn.nowrap  # runs inside __call__'s compact scope
+  def _classify(self, x, deterministic):
+    """Sequence classification (model.num_labels > 0), as BertForSequenceClassification: label
+    logits [batch, num_labels] from the pooled first token (the pooler's output when the model has
+    one, else the first token's hidden state), after dropout. The MLM and NSP heads are not built."""
+    cfg = self.cfg
+    pooled = Pooler(cfg, name="pooler")(x) if cfg.pooler else x[:, 0]
+    pooled = nn.Dropout(cfg.dropout)(constrain(pooled, ("batch", "embed")),
+                                     deterministic=deterministic)
+    logits = DenseGeneral(cfg, (cfg.num_labels,), ("embed", "labels"), use_bias=True,
+                          name="classifier")(pooled)
+    return logits.astype(jnp.float32)
