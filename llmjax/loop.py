@@ -75,6 +75,7 @@ class Run:
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
     self.program = programlib.build(config, shd.make_mesh(config), self.model_config)
     prog = self.program
+    self.dataset = prog.objective.wrap_dataset(self.dataset)
     self.model, self.mesh, self.rules = prog.model, prog.mesh, prog.rules
     self.optimizer, self.schedule = prog.optimizer, prog.schedule
     self.state_shardings, self.abstract_state = prog.state_shardings, prog.abstract_state
@@ -153,7 +154,8 @@ class Run:
     with self.program.scope():
       return evallib.evaluate_params(
           self.eval_step, params, lambda i: self.batch("val", i),
-          num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token)
+          num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token,
+          self.program.objective)
 
 
 def parse_init_from(spec: str):
@@ -248,7 +250,7 @@ def train(config, workdir: str) -> dict:
   result = run.evaluate(state.params)
   writer.write(final_step, result, prefix="val")
   log(f"step {final_step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-      + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("bpc", "bpb")))
+      + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("loss", "perplexity")))
   run.checkpointer.wait()
   if run.is_writer:
     plot = mlib.plot_loss_curve(str(run.workdir))

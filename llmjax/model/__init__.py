@@ -1,19 +1,21 @@
-"""Flax linen Transformer models. Nothing here knows about training, data, meshes or files."""
+"""Flax linen Transformer models. Nothing here knows about training, data, meshes or files.
+
+`build_model(cfg)` is the one place a model is constructed from a TransformerConfig: it picks the
+module by `cfg.family` from FAMILIES (issue 11 adds "encoder" and "encoder_decoder" entries).
+"""
 from llmjax.model.config import TransformerConfig, num_params
 from llmjax.model.encoder import Encoder
-from llmjax.model.transformer import REMAT_POLICIES, Transformer, unstack_layers
+from llmjax.model.transformer import REMAT_POLICIES, Transformer, pool_hidden, unstack_layers
 
-# model.family -> the linen module that implements it (new families register here).
+# model family -> linen module class taking the TransformerConfig as its only field
 FAMILIES = {"decoder": Transformer, "encoder": Encoder}
 
 
 def build_model(cfg: TransformerConfig):
-  """The linen module for `cfg.family`."""
-  try:
-    return FAMILIES[cfg.family](cfg)
-  except KeyError:
-    raise ValueError(f"model.family={cfg.family!r} is not one of {', '.join(FAMILIES)}") from None
+  if cfg.family not in FAMILIES:
+    raise ValueError(f"model.family={cfg.family!r} is not one of {', '.join(FAMILIES)}")
+  return FAMILIES[cfg.family](cfg)
 
 
-__all__ = ["TransformerConfig", "Transformer", "Encoder", "FAMILIES", "build_model",
-           "REMAT_POLICIES", "num_params", "unstack_layers"]
+__all__ = ["TransformerConfig", "Transformer", "Encoder", "REMAT_POLICIES", "FAMILIES",
+           "build_model", "num_params", "pool_hidden", "unstack_layers"]

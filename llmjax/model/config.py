@@ -12,6 +12,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Every architectural choice of the GPT-2 and Llama families, as plain data."""
+  family: str = "decoder"      # the module llmjax.model.build_model builds (FAMILIES there)
   vocab_size: int = 256
   num_layers: int = 4
   num_heads: int = 4
@@ -46,12 +47,15 @@ class TransformerConfig:
   init_std: float = 0.02
   logits_dtype: str = "float32"
   # --- issue 11 (encoders) -------------------------------------------------------------------
-  family: str = "decoder"      # which module llmjax.model.build_model builds: 'decoder' | 'encoder'
   norm_position: str = "pre"   # 'pre': x + f(norm(x)) (GPT-2, Llama); 'post': norm(x + f(x))
                                # (the original Transformer, BERT; no final norm)
   type_vocab_size: int = 0     # token-type (segment A/B) embeddings; 0 -> none (BERT: 2)
   pooler: bool = False         # encoder: dense + tanh on the first ([CLS]) token
   nsp_head: bool = False       # encoder: next-sentence prediction (2 classes) on the pooled output
+  # Sequence classification (issue 9): > 0 puts a `classifier` head (embed -> num_labels) on the
+  # pooled final hidden state, and the model returns label logits [batch, num_labels] instead of
+  # token logits: the last real token for causal models, the first for bidirectional ones.
+  num_labels: int = 0
 
   @property
   def kv_heads(self) -> int:
@@ -111,6 +115,8 @@ def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
     total += v * d + cfg.type_vocab_size * d
     if cfg.position == "learned":
       total += cfg.max_seq_len * d
-    if not cfg.tie_embeddings:
-      total += d * v
+    if not cfg.tie_embeddings and not cfg.num_labels:
+      total += d * v  # a classification model has no LM head
+  if cfg.num_labels:
+    total += d * cfg.num_labels + cfg.num_labels  # classifier kernel + bias
   return total
