@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
                                   # 'all' tokens, or 'last_turn' (the last assistant turn only)
   c.data.truncate = "right"     # over-long examples: cut 'left' / 'right', 'drop' them, or
                                 # 'none' (fail at start naming the first one)
+  c.data.sp_split_digits = False  # a trained sentencepiece vocabulary splits numbers into digits
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -253,6 +254,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _validate_encoder(m, t)
   _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
   _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
+  _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
+        f"train.keep_best={t.keep_best!r} must name a validation metric, e.g. 'val/loss' or "
+        "'val/accuracy'")
+  _need(d.format == "auto" or _is_task_path(d.path) or not d.path,
+        f"data.format={d.format!r} needs task data in data.path (.jsonl, .parquet or a datasets "
+        f"directory), got {d.path!r}")
   _validate_checkpointing(t)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
@@ -298,6 +305,11 @@ def _validate_encoder(m, t) -> None:
         "--config.model.pooler=True --config.model.nsp_head=True")
   _need(not (t.mlm_nsp or t.mlm_whole_word) or t.objective == "masked_lm",
         "train.mlm_nsp and train.mlm_whole_word apply to train.objective='masked_lm'")
+
+
+def _is_task_path(path: str) -> bool:
+  from llmjax.data.formats import is_task_path
+  return is_task_path(path)
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
