@@ -269,3 +269,20 @@ def test_bert_small_tiny_trains_resumes_exactly_and_fills_masks(tmp_path):
   assert r.stdout.count("mask ") == 2 and len(r.stdout.strip().splitlines()) == 6
   saved = json.loads((tmp_path / "a" / "tokenizer.json").read_text())
   assert saved["special_tokens"] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.mark.slow
+def test_bert_small_beats_the_unigram_baseline_and_pretraining_helps_classification(tmp_path):
+  """The issue's learning bar, through benchmarks/bert_finetune.py (minutes on a quiet CPU)."""
+  import json
+
+  from conftest import run_cli
+  out = tmp_path / "bert.json"
+  r = run_cli(["benchmarks/bert_finetune.py", f"--workdir={tmp_path / 'w'}", f"--out={out}"],
+              timeout=3600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.loads(out.read_text())
+  mlm = report["pretrain"]["final"]["mlm_accuracy"]
+  assert mlm > 2 * report["unigram_baseline"]["accuracy"]
+  cls = report["classification"]
+  assert cls["pretrained"]["accuracy"]["median"] > cls["scratch"]["accuracy"]["median"] + 0.05
