@@ -136,11 +136,22 @@ def default_config() -> ml_collections.ConfigDict:
   # XLA devices to split a CPU host into before JAX starts (llmjax/cpu_devices.py): 1 = XLA's
   # single device (default); N = N devices for data parallelism over the cores; 0 = one per core.
   c.mesh.cpu_devices = 1
+
+  # --- issue 11 (encoders) ---------------------------------------------------------------------
+  # Special tokens appended after a char/byte/sentencepiece vocabulary (HF tokenizers bring their
+  # own), e.g. '[PAD],[UNK],[CLS],[SEP],[MASK]' for masked-LM pretraining.
+  c.data.special_tokens = ""
+  # Masked-LM recipe (objective 'masked_lm'; llmjax/data/mlm.py): of the selected tokens
+  # (train.mlm_probability), this fraction becomes [MASK], this one a random token, the rest stay.
+  c.train.mlm_mask_fraction = 0.8
+  c.train.mlm_random_fraction = 0.1
+  c.train.mlm_whole_word = False   # select whole words (all their pieces) at once
+  c.train.mlm_nsp = False          # next-sentence prediction on [CLS] A [SEP] B [SEP] rows
   return c
 
 
 CHOICES = {
-    "model.position": ("learned", "rotary", "none"),
+    "model.position": ("learned", "rotary", "sinusoidal", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "swiglu"),
@@ -150,6 +161,7 @@ CHOICES = {
     "model.remat_policy": tuple(REMAT_POLICIES),
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "model.matmul_dtype": ("compute", "bfloat16"),
+    "model.norm_position": ("pre", "post"),  # issue 11
     "data.tokenizer": ("char", "byte", "sentencepiece", "hf"),
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -250,8 +262,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         f"data.batch_size={d.batch_size} is not divisible by train.grad_accum_steps="
         f"{t.grad_accum_steps}; pick a batch size that is a multiple of it, or set "
         "--config.train.grad_accum_steps to a divisor of it (1: no accumulation)")
-  _need(t.objective != "masked_lm" or not m.causal,
-        "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
+  _need(t.objective != "masked_lm" or not m.causal or m.family == "encoder",
+        "train.objective='masked_lm' needs a bidirectional model: set "
+        "--config.model.family=encoder (or --config.model.causal=False)")
+  _validate_encoder(m, t)
   _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
   _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
   _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
@@ -288,6 +302,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _need(d.seq_len % sizes["sequence"] == 0,
           f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={sizes['sequence']}; "
           "use a sequence-parallel size that divides the sequence length")
+
+
+def _validate_encoder(m, t) -> None:
+  """Issue 11: encoder heads and the masked-LM recipe."""
+  _need(m.type_vocab_size >= 0, f"model.type_vocab_size={m.type_vocab_size} must be >= 0")
+  _need(m.family == "encoder" or not (m.type_vocab_size or m.pooler or m.nsp_head),
+        "model.type_vocab_size, model.pooler and model.nsp_head belong to encoders: set "
+        "--config.model.family=encoder")
+  _need(m.pooler or not m.nsp_head,
+        "model.nsp_head=True needs model.pooler=True (NSP classifies the pooled [CLS] token)")
+  _need(0.0 < t.mlm_probability < 1.0,
+        f"train.mlm_probability={t.mlm_probability} must be in (0, 1)")
+  _need(t.mlm_mask_fraction >= 0 and t.mlm_random_fraction >= 0
+        and t.mlm_mask_fraction + t.mlm_random_fraction <= 1.0,
+        f"train.mlm_mask_fraction={t.mlm_mask_fraction} + train.mlm_random_fraction="
+        f"{t.mlm_random_fraction} must be non-negative and sum to at most 1")
+  _need(not t.mlm_nsp or (m.family == "encoder" and m.nsp_head),
+        "train.mlm_nsp=True needs an encoder with an NSP head: set --config.model.family=encoder "
+        "--config.model.pooler=True --config.model.nsp_head=True")
+  _need(not (t.mlm_nsp or t.mlm_whole_word) or t.objective == "masked_lm",
+        "train.mlm_nsp and train.mlm_whole_word apply to train.objective='masked_lm'")
 
 
 def _is_task_path(path: str) -> bool:
@@ -385,8 +420,6 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
   values = config.model.to_dict()
   if vocab_size is not None and not values["vocab_size"]:
     values["vocab_size"] = vocab_size
-  if config.train.objective == "masked_lm" and vocab_size is not None and not config.model.vocab_size:
-    values["vocab_size"] = vocab_size + 1  # one extra id for the [MASK] token
   return TransformerConfig.from_mapping(values)
 
 

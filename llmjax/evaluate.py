@@ -77,6 +77,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None,
   mesh = shd.make_mesh(config)
   loaded = runs.load_run(workdir, step, mesh=mesh)
   dataset = load_dataset(data or loaded.config.data, loaded.config.train.seed, loaded.tokenizer)
+  dataset = loaded.objective.wrap_dataset(dataset)
   t = loaded.config.train
   eval_step = jax.jit(trainlib.make_eval_step(loaded.model, loaded.objective, seed=t.seed))
   batch_fn = lambda i: shd.put_batch(

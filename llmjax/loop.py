@@ -100,6 +100,7 @@ class Run:
     if self.is_writer:  # after 'auto' is resolved: the file says what actually trains
       _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
     prog = self.program
+    self.dataset = prog.objective.wrap_dataset(self.dataset)
     self.model, self.mesh, self.rules = prog.model, prog.mesh, prog.rules
     self.optimizer, self.schedule = prog.optimizer, prog.schedule
     self.state_shardings, self.abstract_state = prog.state_shardings, prog.abstract_state

@@ -88,24 +88,6 @@ def test_z_loss_only_in_differentiated_loss():
   np.testing.assert_allclose(float(a1["loss"]), float(a0["loss"]), rtol=1e-7)
 
 
-def test_masked_lm_matches_the_previous_inline_recipe():
-  """Moved from train.py unchanged: same rng split, [MASK] = last id, loss at masked positions."""
-  cfg = dataclasses.replace(CFG, causal=False)
-  model, params = Transformer(cfg), params_for(cfg)
-  obj = objectives.build(small_config(objective="masked_lm", mlm_probability=0.3), cfg)
-  batch = lm_batch()
-  rng = jax.random.key(7)
-  loss, aux = obj.loss(model, params, batch, rng, True)
-  dropout_rng, mask_rng = jax.random.split(rng)
-  masked = jax.random.bernoulli(mask_rng, 0.3, batch["inputs"].shape)
-  corrupted = jnp.where(masked, cfg.vocab_size - 1, batch["inputs"])
-  logits = model.apply({"params": params}, corrupted)
-  per = optax.softmax_cross_entropy_with_integer_labels(logits, batch["inputs"])
-  want = float(jnp.sum(per * masked) / jnp.sum(masked))
-  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
-  assert float(aux["weight"]) == float(jnp.sum(masked)) > 0
-
-
 def test_eval_sums_average_exactly_across_batch_splits():
   """evaluate_params sums eval_sums over batches; one batch of 4 rows == two of 2 rows."""
   model, params = Transformer(CFG), params_for(CFG)

@@ -89,7 +89,7 @@ def test_full_gpt_small_config_is_gpt2_small():
 def test_masked_lm_objective_trains_a_bidirectional_encoder(tmp_path):
   c = cfglib.default_config()
   c.model.update(num_layers=1, embed_dim=32, num_heads=2, max_seq_len=32, causal=False)
-  c.data.update(seq_len=32, batch_size=8)
+  c.data.update(seq_len=32, batch_size=8, special_tokens="[CLS],[SEP],[MASK]")
   c.optim.update(warmup_steps=2, lr=3e-3)
   c.train.update(steps=30, objective="masked_lm", log_every=5, eval_every=0, eval_batches=2,
                  checkpoint_every=0, progress=False, tensorboard=False)

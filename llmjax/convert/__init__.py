@@ -26,9 +26,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llmjax.convert import files, hf_config, weights
+from llmjax.convert import families, files, hf_config, weights
 from llmjax.convert.hf_config import ConversionError
-from llmjax.model import Transformer, TransformerConfig
+from llmjax.model import Transformer, TransformerConfig, build_model
 
 __all__ = ["ConversionError", "HFModel", "load_hf", "import_hf", "save_hf", "export_hf",
            "run_config"]
@@ -42,11 +42,11 @@ class HFModel:
   params: dict                    # numpy arrays in llmjax's layout (jax accepts them as is)
   tokenizer: object | None        # HFTokenizer, or None when the directory has no tokenizer
   hf_config: dict                 # the parsed config.json
-  family: str                     # 'gpt2' | 'llama'
+  family: str                     # 'gpt2' | 'llama' | a registered family ('bert')
 
   @property
   def model(self) -> Transformer:
-    return Transformer(self.model_config)
+    return build_model(self.model_config)
 
 
 def load_hf(path_or_repo: str | os.PathLike, param_dtype: str = "float32",
@@ -58,10 +58,17 @@ def load_hf(path_or_repo: str | os.PathLike, param_dtype: str = "float32",
     raise ConversionError(f"param_dtype={param_dtype!r} must be one of {', '.join(NUMPY_DTYPES)}")
   directory = files.resolve(path_or_repo, revision)
   hf = files.read_config(directory)
-  kind = hf_config.family(hf)
-  cfg = hf_config.to_llmjax(hf, param_dtype)
-  tensors = files.read_weights(directory)
-  params, cfg = weights.hf_to_params(kind, tensors, cfg, NUMPY_DTYPES[param_dtype])
+  registered = families.for_model_type(hf.get("model_type"))
+  if registered is not None:  # a family with its own converter module (e.g. bert)
+    kind = registered.name
+    cfg = registered.to_llmjax(hf, param_dtype)
+    tensors = files.read_weights(directory)
+    params, cfg = registered.import_params(tensors, cfg, NUMPY_DTYPES[param_dtype])
+  else:
+    kind = hf_config.family(hf)
+    cfg = hf_config.to_llmjax(hf, param_dtype)
+    tensors = files.read_weights(directory)
+    params, cfg = weights.hf_to_params(kind, tensors, cfg, NUMPY_DTYPES[param_dtype])
   from llmjax.data.hf_tokenizer import HFTokenizer
   tokenizer = HFTokenizer.from_hf_dir(directory, hf)
   if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
@@ -98,7 +105,11 @@ def import_hf(path_or_repo: str | os.PathLike, workdir: str | os.PathLike,
         f"{path_or_repo} has no tokenizer.json or tokenizer.model; copy the model's tokenizer "
         "files into it (a run needs a tokenizer), or use load_hf() from Python for weights only")
   params = jax.tree.map(jax.numpy.asarray, hf.params)
-  runs.create_run(workdir, run_config(hf.model_config, workdir), params, hf.tokenizer)
+  config = run_config(hf.model_config, workdir)
+  registered = families.for_model_type(hf.hf_config.get("model_type"))
+  if registered is not None and registered.run_config is not None:
+    registered.run_config(config)
+  runs.create_run(workdir, config, params, hf.tokenizer)
   return hf
 
 
@@ -108,15 +119,22 @@ def save_hf(model_config: TransformerConfig, params, out_dir: str | os.PathLike,
   transformers' from_pretrained loads as GPT2LMHeadModel or LlamaForCausalLM; and the tokenizer
   files when `tokenizer` can be expressed for AutoTokenizer. Returns the file names written."""
   from llmjax.convert import tokenizer_export
-  kind = hf_config.export_family(model_config)
+  registered = families.for_config(model_config)
+  if registered is not None:
+    config = registered.to_hf(model_config, tokenizer)  # refuses before anything is written
+  else:
+    kind = hf_config.export_family(model_config)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-  tensors = weights.params_to_hf(kind, host, model_config)
+  if registered is not None:
+    tensors = registered.export_params(host, model_config)
+  else:
+    tensors = weights.params_to_hf(kind, host, model_config)
+    eos = getattr(tokenizer, "eos_id", None)
+    bos = getattr(tokenizer, "bos_id", None)
+    config = hf_config.to_hf(model_config, eos_id=eos, bos_id=bos)
   written = files.write_weights(out, tensors, max_shard_bytes)
-  eos = getattr(tokenizer, "eos_id", None)
-  bos = getattr(tokenizer, "bos_id", None)
-  config = hf_config.to_hf(model_config, eos_id=eos, bos_id=bos)
   (out / files.CONFIG).write_text(json.dumps(config, indent=2))
   written.append(files.CONFIG)
   if tokenizer is not None:
@@ -134,7 +152,11 @@ def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     raise ConversionError(f"{out} already holds safetensors weights; choose a new --hf_dir")
   _refuse_existing(out, [files.CONFIG, files.INDEX])
   run = runs.load_run(workdir, step)
-  hf_config.export_family(run.model_config)  # refuse before writing anything
+  registered = families.for_config(run.model_config)
+  if registered is not None:  # refuse before writing anything
+    registered.to_hf(run.model_config, run.tokenizer)
+  else:
+    hf_config.export_family(run.model_config)
   # Written into a fresh directory beside `out`, then moved in: an existing file of the same name
   # (a tokenizer_config.json, ...) is refused by name, never overwritten.
   out.mkdir(parents=True, exist_ok=True)

@@ -139,10 +139,30 @@ class HFTokenizer:
   def id_to_token(self, i: int) -> str:
     return self._tok.id_to_token(i) if self.backend == "tokenizers" else self._sp.id_to_piece(i)
 
-  def encode(self, text: str) -> list[int]:
+  @property
+  def special_ids(self) -> dict[str, int]:
+    """Role ('cls', 'sep', 'mask', 'pad', 'unk') -> id: from tokenizer_config.json's
+    cls_token/sep_token/... when given, else from the tokenizer's own special added tokens spelled
+    the BERT way ([CLS], [SEP], [MASK], [PAD], [UNK])."""
+    from llmjax.data.tokenizers import SPECIAL_ROLES
+    out = {}
     if self.backend == "tokenizers":
-      return self._tok.encode(text, add_special_tokens=True).ids
+      for token in self._tok.get_added_tokens_decoder().values():
+        if token.special and token.content in SPECIAL_ROLES:
+          out[SPECIAL_ROLES[token.content]] = self._tok.token_to_id(token.content)
+    lookup = self._tok.token_to_id if self.backend == "tokenizers" else self._sp_lookup
+    for role in ("cls", "sep", "mask", "pad", "unk"):
+      name = _token_content(self.tokenizer_config.get(f"{role}_token"))
+      if name and lookup(name) is not None:
+        out[role] = lookup(name)
+    return out
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    if self.backend == "tokenizers":
+      return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
     ids = self._sp.encode(text)
+    if not add_special_tokens:
+      return ids
     return ([self.bos_id] if self.add_bos else []) + ids + ([self.eos_id] if self.add_eos else [])
 
   def encode_array(self, text: str) -> np.ndarray:

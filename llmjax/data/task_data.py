@@ -79,6 +79,11 @@ class Encoder:
     self.max_tokens = data_config.seq_len + 1  # L tokens fill L-1 positions
     self.classification = classification
     self.bos = bos_prefix(tokenizer)
+    if classification and not self.bos:
+      # issue 11: bidirectional classifiers pool the first token; an llmjax tokenizer carrying a
+      # [CLS] special token (masked-LM pretraining) gets it in front, as BERT's tokenizers do
+      cls_id = (getattr(tokenizer, "special_ids", None) or {}).get("cls")
+      self.bos = [cls_id] if cls_id is not None else []
     self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     self._chat = None
 

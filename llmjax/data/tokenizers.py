@@ -17,24 +17,57 @@ import numpy as np
 
 SPEC_FILE = "tokenizer.json"
 SP_MODEL_FILE = "tokenizer.model"
+# Special tokens (data.special_tokens) that objectives look up by role. Any other string given
+# there is carried as a special token with no role.
+SPECIAL_ROLES = {"[PAD]": "pad", "[UNK]": "unk", "[CLS]": "cls", "[SEP]": "sep", "[MASK]": "mask"}
 
 
-class CharTokenizer:
+class SpecialTokens:
+  """Special tokens an llmjax tokenizer carries after its own vocabulary (ids base, base+1, ...).
+
+  Text never encodes to them (a literal "[MASK]" in text is ordinary characters; see
+  `encode_with_specials`), decoding drops them, and objectives find them through `special_ids`.
+  """
+  special_tokens: tuple[str, ...] = ()
+  base_vocab_size: int = 0
+
+  @property
+  def special_ids(self) -> dict[str, int]:
+    """Role ('cls', 'sep', 'mask', 'pad', 'unk', or the token itself) -> id."""
+    return {SPECIAL_ROLES.get(t, t): self.base_vocab_size + i
+            for i, t in enumerate(self.special_tokens)}
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base_vocab_size + len(self.special_tokens)
+
+  def _with_specials(self, spec: dict) -> dict:
+    return {**spec, "special_tokens": list(self.special_tokens)} if self.special_tokens else spec
+
+  def _plain(self, ids: Sequence[int]) -> list[int]:
+    return [int(i) for i in ids if 0 <= int(i) < self.base_vocab_size]
+
+  def id_to_token(self, i: int) -> str:
+    i = int(i)
+    if i >= self.base_vocab_size:
+      return self.special_tokens[i - self.base_vocab_size]
+    return self.decode([i])
+
+
+class CharTokenizer(SpecialTokens):
   """One id per distinct character of the training corpus (nanoGPT's shakespeare_char)."""
   kind = "char"
   eos_id = None
 
-  def __init__(self, chars: Sequence[str]):
+  def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = ()):
     self.chars = list(chars)
     self._index = {c: i for i, c in enumerate(self.chars)}
+    self.base_vocab_size = len(self.chars)
+    self.special_tokens = tuple(special_tokens)
 
   @classmethod
-  def from_text(cls, text: str) -> "CharTokenizer":
-    return cls(sorted(set(text)))
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.chars)
+  def from_text(cls, text: str, special_tokens: Sequence[str] = ()) -> "CharTokenizer":
+    return cls(sorted(set(text)), special_tokens)
 
   def encode(self, text: str) -> list[int]:
     try:
@@ -55,14 +88,17 @@ class CharTokenizer:
     return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))
 
   def save(self, directory: str | os.PathLike) -> None:
-    _write_spec(directory, {"kind": self.kind, "chars": "".join(self.chars)})
+    _write_spec(directory, self._with_specials({"kind": self.kind, "chars": "".join(self.chars)}))
 
 
-class ByteTokenizer:
+class ByteTokenizer(SpecialTokens):
   """UTF-8 bytes: a fixed vocabulary of 256 that never meets an unknown character."""
   kind = "byte"
   eos_id = None
-  vocab_size = 256
+  base_vocab_size = 256
+
+  def __init__(self, special_tokens: Sequence[str] = ()):
+    self.special_tokens = tuple(special_tokens)
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
@@ -74,21 +110,19 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
   def save(self, directory: str | os.PathLike) -> None:
-    _write_spec(directory, {"kind": self.kind})
+    _write_spec(directory, self._with_specials({"kind": self.kind}))
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(SpecialTokens):
   kind = "sentencepiece"
 
-  def __init__(self, model_file: str | os.PathLike):
+  def __init__(self, model_file: str | os.PathLike, special_tokens: Sequence[str] = ()):
     import sentencepiece as spm
     self.model_file = str(model_file)
     self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
     self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.get_piece_size()
+    self.base_vocab_size = self._sp.get_piece_size()
+    self.special_tokens = tuple(special_tokens)
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
@@ -97,14 +131,19 @@ class SentencePieceTokenizer:
     return np.asarray(self.encode(text), np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
+    return self._sp.decode(self._plain(ids))
+
+  def id_to_token(self, i: int) -> str:
+    if int(i) >= self.base_vocab_size:
+      return self.special_tokens[int(i) - self.base_vocab_size]
+    return self._sp.id_to_piece(int(i))
 
   def save(self, directory: str | os.PathLike) -> None:
     Path(directory).mkdir(parents=True, exist_ok=True)
     target = Path(directory) / SP_MODEL_FILE
     if Path(self.model_file).resolve() != target.resolve():
       shutil.copyfile(self.model_file, target)
-    _write_spec(directory, {"kind": self.kind, "model_file": SP_MODEL_FILE})
+    _write_spec(directory, self._with_specials({"kind": self.kind, "model_file": SP_MODEL_FILE}))
 
 
 def _write_spec(directory, spec: dict) -> None:
@@ -120,12 +159,13 @@ def load_tokenizer(directory: str | os.PathLike):
   if not path.exists():
     raise FileNotFoundError(f"no {SPEC_FILE} in {directory}: not an llmjax run directory")
   spec = json.loads(path.read_text())
+  specials = spec.get("special_tokens", ())
   if spec["kind"] == "char":
-    return CharTokenizer(spec["chars"])
+    return CharTokenizer(spec["chars"], specials)
   if spec["kind"] == "byte":
-    return ByteTokenizer()
+    return ByteTokenizer(specials)
   if spec["kind"] == "sentencepiece":
-    return SentencePieceTokenizer(Path(directory) / spec["model_file"])
+    return SentencePieceTokenizer(Path(directory) / spec["model_file"], specials)
   if spec["kind"] == "hf":
     from llmjax.data.hf_tokenizer import HFTokenizer  # optional; used by imported HF models
     return HFTokenizer.load(directory, spec)
@@ -136,9 +176,11 @@ def cache_dir() -> Path:
   return Path(os.environ.get("LLMJAX_CACHE", Path.home() / ".cache" / "llmjax"))
 
 
-def train_sentencepiece(text: str, vocab_size: int, split_digits: bool = False) -> SentencePieceTokenizer:
+def train_sentencepiece(text: str, vocab_size: int, split_digits: bool = False,
+                        special_tokens: Sequence[str] = ()) -> SentencePieceTokenizer:
   """Trains (or reuses from the cache) a BPE sentencepiece model on `text`. split_digits: every
-  digit is its own piece (as Llama's tokenizer does), so numbers tokenize consistently."""
+  digit is its own piece (as Llama's tokenizer does), so numbers tokenize consistently.
+  special_tokens are appended after the trained vocabulary (SpecialTokens)."""
   import sentencepiece as spm
   tag = f"|bpe|{vocab_size}" + ("|split_digits" if split_digits else "")
   key = hashlib.sha256(text.encode("utf-8") + tag.encode()).hexdigest()[:16]
@@ -162,18 +204,19 @@ def train_sentencepiece(text: str, vocab_size: int, split_digits: bool = False) 
       tmp_model = model_file.with_suffix(f".tmp{os.getpid()}")
       shutil.copyfile(Path(tmp) / "sp.model", tmp_model)
       os.replace(tmp_model, model_file)  # atomic: concurrent runs never see half a model
-  return SentencePieceTokenizer(model_file)
+  return SentencePieceTokenizer(model_file, special_tokens)
 
 
 def build_tokenizer(data_config, corpus_text: str | None):
   """The tokenizer named by the data config; char and trained sentencepiece need the corpus text."""
   kind = data_config.tokenizer
+  specials = parse_special_tokens(data_config.get("special_tokens", ""))
   if kind == "byte":
-    return ByteTokenizer()
+    return ByteTokenizer(specials)
   if kind == "char":
     if corpus_text is None:
       raise ValueError("data.tokenizer='char' needs the text corpus to build its vocabulary")
-    return CharTokenizer.from_text(corpus_text)
+    return CharTokenizer.from_text(corpus_text, specials)
   if kind == "hf":
     from llmjax.data.hf_tokenizer import HFTokenizer
     path = Path(data_config.tokenizer_path)
@@ -185,9 +228,47 @@ def build_tokenizer(data_config, corpus_text: str | None):
   if data_config.tokenizer_path:
     if not Path(data_config.tokenizer_path).exists():
       raise FileNotFoundError(f"data.tokenizer_path={data_config.tokenizer_path} does not exist")
-    return SentencePieceTokenizer(data_config.tokenizer_path)
+    return SentencePieceTokenizer(data_config.tokenizer_path, specials)
   if corpus_text is None:
     raise ValueError("training a sentencepiece tokenizer needs a text corpus; "
                      "set data.tokenizer_path to an existing .model file")
   return train_sentencepiece(corpus_text, data_config.sp_vocab_size,
-                             split_digits=bool(data_config.get("sp_split_digits", False)))
+                             split_digits=bool(data_config.get("sp_split_digits", False)),
+                             special_tokens=specials)
+
+
+def parse_special_tokens(text: str) -> tuple[str, ...]:
+  """'[PAD],[CLS], [SEP]' -> ('[PAD]', '[CLS]', '[SEP]') (data.special_tokens)."""
+  return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+  """Role -> id of the tokenizer's special tokens ({} when it has none)."""
+  return dict(getattr(tokenizer, "special_ids", None) or {})
+
+
+def encode_plain(tokenizer, text: str) -> np.ndarray:
+  """`text`'s ids without the special tokens a tokenizer's post-processor adds (HF's [CLS] ...
+  [SEP]), for objectives that place special tokens themselves."""
+  if getattr(tokenizer, "kind", None) == "hf":
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+  return tokenizer.encode_array(text)
+
+
+def encode_with_specials(tokenizer, text: str) -> np.ndarray:
+  """`text`'s ids where the literal strings of the tokenizer's special tokens ("[MASK]") become
+  their ids; HF tokenizers do this themselves (and add their [CLS]/[SEP] template)."""
+  if getattr(tokenizer, "kind", None) == "hf":
+    return tokenizer.encode_array(text)
+  specials = {t: tokenizer.base_vocab_size + i for i, t in enumerate(tokenizer.special_tokens)}
+  if not specials:
+    return tokenizer.encode_array(text)
+  import re
+  pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+  ids: list[int] = []
+  for part in re.split(pattern, text):
+    if part in specials:
+      ids.append(specials[part])
+    elif part:
+      ids.extend(int(i) for i in tokenizer.encode_array(part))
+  return np.asarray(ids, np.int32)

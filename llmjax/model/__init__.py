@@ -4,10 +4,11 @@
 module by `cfg.family` from FAMILIES (issue 11 adds "encoder" and "encoder_decoder" entries).
 """
 from llmjax.model.config import TransformerConfig, num_params
+from llmjax.model.encoder import Encoder
 from llmjax.model.transformer import REMAT_POLICIES, Transformer, pool_hidden, unstack_layers
 
 # model family -> linen module class taking the TransformerConfig as its only field
-FAMILIES = {"decoder": Transformer}
+FAMILIES = {"decoder": Transformer, "encoder": Encoder}
 
 
 def build_model(cfg: TransformerConfig):
@@ -16,5 +17,5 @@ def build_model(cfg: TransformerConfig):
   return FAMILIES[cfg.family](cfg)
 
 
-__all__ = ["TransformerConfig", "Transformer", "REMAT_POLICIES", "FAMILIES", "build_model",
-           "num_params", "pool_hidden", "unstack_layers"]
+__all__ = ["TransformerConfig", "Transformer", "Encoder", "REMAT_POLICIES", "FAMILIES",
+           "build_model", "num_params", "pool_hidden", "unstack_layers"]

@@ -21,7 +21,7 @@ class TransformerConfig:
   head_dim: int = 0            # 0 -> embed_dim // num_heads
   mlp_dim: int = 0             # 0 -> 4 * embed_dim
   max_seq_len: int = 256
-  position: str = "learned"    # 'learned' | 'rotary' | 'none'
+  position: str = "learned"    # 'learned' | 'rotary' | 'sinusoidal' (the original Transformer's) | 'none'
   rope_theta: float = 10000.0
   # RoPE frequency scaling for long context (as in Hugging Face's rope_scaling / rope_parameters):
   # 'none'; 'linear' (every frequency / factor); 'llama3' (Llama 3.1: low frequencies / factor,
@@ -50,6 +50,12 @@ class TransformerConfig:
   matmul_dtype: str = "compute"
   init_std: float = 0.02
   logits_dtype: str = "float32"
+  # --- issue 11 (encoders) -------------------------------------------------------------------
+  norm_position: str = "pre"   # 'pre': x + f(norm(x)) (GPT-2, Llama); 'post': norm(x + f(x))
+                               # (the original Transformer, BERT; no final norm)
+  type_vocab_size: int = 0     # token-type (segment A/B) embeddings; 0 -> none (BERT: 2)
+  pooler: bool = False         # encoder: dense + tanh on the first ([CLS]) token
+  nsp_head: bool = False       # encoder: next-sentence prediction (2 classes) on the pooled output
   # Sequence classification (issue 9): > 0 puts a `classifier` head (embed -> num_labels) on the
   # pooled final hidden state, and the model returns label logits [batch, num_labels] instead of
   # token logits: the last real token for causal models, the first for bidirectional ones.
@@ -102,9 +108,15 @@ def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
   mlp_in = 2 if cfg.mlp == "swiglu" else 1
   mlp = mlp_in * (d * f + b * f) + f * d + b * d
   per_layer = attn + mlp + 2 * norm
-  total = cfg.num_layers * per_layer + norm
+  total = cfg.num_layers * per_layer + (norm if cfg.norm_position == "pre" else 0)
+  if cfg.family == "encoder":
+    # embedding norm; pooler; then either the classifier (num_labels > 0, added below) or the
+    # MLM head (transform dense + norm, decoder bias) and the NSP classifier
+    total += norm + (d * d + d) * cfg.pooler
+    if not getattr(cfg, "num_labels", 0):
+      total += d * d + b * d + norm + v + (2 * d + 2) * cfg.nsp_head
   if include_embeddings:
-    total += v * d
+    total += v * d + cfg.type_vocab_size * d
     if cfg.position == "learned":
       total += cfg.max_seq_len * d
     if not cfg.tie_embeddings and not cfg.num_labels:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from llmjax.model.attention import Attention
 from llmjax.model.config import TransformerConfig
+from llmjax.model.embeddings import sinusoidal_positions
 from llmjax.model.layers import (DenseGeneral, Mlp, Norm, constrain, dense_weight, embedding_rows,
                                  logical_init, matmul)
 
@@ -33,7 +34,9 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); or, with
+  norm_position='post' (the original Transformer, BERT), norm(x + attn(x)), then norm(x + mlp(x)).
+  The two norms keep their names in both layouts (attn_norm, mlp_norm)."""
   cfg: TransformerConfig
   deterministic: bool = True
   decode: bool = False
@@ -42,10 +45,17 @@ class Block(nn.Module):
   def __call__(self, x, positions, segment_ids):
     cfg = self.cfg
     x = constrain(x, ("batch", "length", "embed"))
+    attn = Attention(cfg, name="attn")
+    mlp = Mlp(cfg, name="mlp")
+    if cfg.norm_position == "post":
+      x = Norm(cfg, name="attn_norm")(
+          x + attn(x, positions, segment_ids, self.deterministic, self.decode))
+      x = Norm(cfg, name="mlp_norm")(x + mlp(x, self.deterministic))
+      return x, None
     h = Norm(cfg, name="attn_norm")(x)
-    x = x + Attention(cfg, name="attn")(h, positions, segment_ids, self.deterministic, self.decode)
+    x = x + attn(h, positions, segment_ids, self.deterministic, self.decode)
     h = Norm(cfg, name="mlp_norm")(x)
-    x = x + Mlp(cfg, name="mlp")(h, self.deterministic)
+    x = x + mlp(h, self.deterministic)
     return x, None  # (carry, per-layer output) for nn.scan
 
 
@@ -68,10 +78,7 @@ class Transformer(nn.Module):
     embedding = self.param("token_embedding", logical_init(cfg, ("vocab", "embed")),
                            (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
     x = embedding_rows(embedding, tokens).astype(cfg.compute_dtype)
-    if cfg.position == "learned":
-      pos_table = self.param("position_embedding", logical_init(cfg, ("length", "embed")),
-                             (cfg.max_seq_len, cfg.embed_dim), cfg.weight_dtype)
-      x = x + jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+    x = x + position_encoding(self, cfg, positions)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
 
@@ -79,8 +86,9 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = Block(cfg, deterministic, decode, name=f"layer_{i}")(x, positions, segment_ids)
     else:
-      x = self._scanned_layers(x, positions, segment_ids, deterministic)
-    x = Norm(cfg, name="final_norm")(x)
+      x = scanned_blocks(cfg, x, positions, segment_ids, deterministic)
+    if cfg.norm_position == "pre":  # post-norm blocks already end in a norm
+      x = Norm(cfg, name="final_norm")(x)
     if return_hidden:
       return x
     if cfg.num_labels > 0:
@@ -106,24 +114,38 @@ class Transformer(nn.Module):
                           name="classifier")(pooled)
     return logits.astype(jnp.float32)
 
-  @nn.nowrap  # runs inside __call__'s compact scope
-  def _scanned_layers(self, x, positions, segment_ids, deterministic):
-    cfg = self.cfg
-    block = Block
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if cfg.remat_policy != "none":
-      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
-    layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        unroll=1 if cfg.scan_layers else cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x, _ = layers(cfg, deterministic, False, name="layers")(x, positions, segment_ids)
-    return x
+
+def position_encoding(module: nn.Module, cfg: TransformerConfig, positions):
+  """What the embeddings add for `positions`: a learned table ("position_embedding", a param of
+  `module`), fixed sinusoids, or zero (rotary positions act inside attention; 'none')."""
+  if cfg.position == "learned":
+    pos_table = module.param("position_embedding", logical_init(cfg, ("length", "embed")),
+                             (cfg.max_seq_len, cfg.embed_dim), cfg.weight_dtype)
+    return jnp.take(pos_table, positions, axis=0).astype(cfg.compute_dtype)
+  if cfg.position == "sinusoidal":
+    return sinusoidal_positions(positions, cfg.embed_dim).astype(cfg.compute_dtype)
+  return jnp.zeros((), cfg.compute_dtype)
+
+
+def scanned_blocks(cfg: TransformerConfig, x, positions, segment_ids, deterministic,
+                   block=None):
+  """The stack of `cfg.num_layers` blocks as one scan over stacked params (named "layers"), or
+  its unrolled twin (scan_layers=False); call it inside a compact method."""
+  block = block or Block
+  policy = REMAT_POLICIES[cfg.remat_policy]
+  if cfg.remat_policy != "none":
+    block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+  layers = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=cfg.num_layers,
+      unroll=1 if cfg.scan_layers else cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  x, _ = layers(cfg, deterministic, False, name="layers")(x, positions, segment_ids)
+  return x
 
 
 def pool_hidden(x, segment_ids, causal: bool):

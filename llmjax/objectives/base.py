@@ -17,6 +17,7 @@ on the objective's name, so a new objective is a new module plus a `@register("n
   batch size or sharding averages exactly. `finalize(sums)` turns the totals into metrics.
 - `trainable(params)` -> a pytree of bools (default all True); frozen leaves get no optimizer
   state and no gradient (LoRA).
+- `wrap_dataset(dataset)` -> the dataset batches come from (default: the data layer's own).
 - `data_options` (class attribute): extra load_dataset keywords the objective's batches need.
 - `reports_bits_per_byte`: True for token-level LM objectives, whose eval loss is also reported
   in bits per character/byte.
@@ -70,6 +71,13 @@ class Objective:
 
   def trainable(self, params):
     return jax.tree.map(lambda _: True, params)
+
+  # -- data (issue 11) ---------------------------------------------------------------------------
+  def wrap_dataset(self, dataset):
+    """The dataset the loop and evaluation read batches from, given the one the data layer built
+    (default: unchanged). Objectives whose rows are made from a token stream (masked LM) wrap it
+    here, so batches stay a pure function of (seed, split, step)."""
+    return dataset
 
 
 def all_trainable(mask) -> bool:

@@ -1,0 +1,172 @@
+"""Does masked-LM pretraining pay off? bert_small's MLM accuracy against the unigram baseline, and
+classification accuracy fine-tuned from the pretrained run vs the same architecture from scratch.
+
+  python benchmarks/bert_finetune.py --workdir=/tmp/bert_bench [--pretrain_steps=600] \
+      [--finetune_steps=200] [--seeds=0,1] [--out=benchmarks/bert_finetune.json]
+
+1. Pretrains experiments/bert_small.py (MLM with whole-word masking + NSP) in WORKDIR/pretrained
+   (reused, or resumed, when it exists).
+2. Unigram baseline: always predict the most frequent non-special token of the training stream;
+   its accuracy on the very masked positions validation scores (same batches).
+3. A classification task made from held-out corpus text (the last documents of the embedded
+   corpus): "original" sentences vs "shuffled" ones (the same words in a random order) — a task
+   that word-order knowledge from pretraining should help with. 600 train / 400 test examples.
+4. Fine-tunes with the issue-9 path (experiments/finetune.py, train.objective=classification,
+   init_from the pretrained run) and trains the same architecture, same tokenizer and same
+   schedule from a random initialization; reports test accuracy per seed (min/median/max).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+SPECIALS = "[PAD],[UNK],[CLS],[SEP],[MASK]"
+
+
+def load_experiment(name: str, argument: str = ""):
+  """experiments/<name>.py's get_config(argument)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(argument)
+
+
+def make_task(out: Path, n_train: int = 600, n_test: int = 400, seed: int = 0) -> dict:
+  """original-vs-shuffled sentences from the last 15% of the embedded corpus's documents."""
+  from llmjax.data.sources import embedded_documents
+  docs = embedded_documents()
+  held_out = docs[int(len(docs) * 0.85):]
+  sentences = []
+  for doc in held_out:
+    for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+      words = s.split()
+      if 8 <= len(words) <= 20 and len(set(words)) > 4:
+        sentences.append(words)
+  rng = random.Random(seed)
+  rng.shuffle(sentences)
+  rows = []
+  for words in sentences[: n_train + n_test]:
+    if rng.random() < 0.5:
+      shuffled = words[:]
+      while shuffled == words:
+        rng.shuffle(shuffled)
+      rows.append({"text": " ".join(shuffled), "label": "shuffled"})
+    else:
+      rows.append({"text": " ".join(words), "label": "original"})
+  if len(rows) < n_train + n_test:
+    raise SystemExit(f"only {len(rows)} sentences for the task")
+  out.mkdir(parents=True, exist_ok=True)
+  for name, part in (("train.jsonl", rows[:n_train]), ("test.jsonl", rows[n_train:])):
+    (out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+  return {"train": n_train, "test": n_test, "source": "embedded corpus, last 15% of documents"}
+
+
+def pretrain(workdir: Path, steps: int) -> dict:
+  from llmjax import config as cfglib
+  from llmjax import loop
+  c = load_experiment("bert_small", "")
+  c.train.update(steps=steps, progress=False, eval_every=100)
+  cfglib.validate(c, 1)
+  t0 = time.perf_counter()
+  result = loop.train(c, str(workdir))
+  curve = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  curve = [{k: r[k] for k in ("step", "loss", "mlm_accuracy", "nsp_accuracy")}
+           for r in curve if r.get("split") == "val"]
+  return {"final": result, "val_curve": curve, "seconds": time.perf_counter() - t0}
+
+
+def unigram_baseline(workdir: Path) -> dict:
+  """Accuracy of always predicting the most frequent non-special training token, on the masked
+  positions of the same validation batches the run's evaluation scores."""
+  from llmjax import objectives, runs
+  from llmjax.config import model_config
+  from llmjax.data import load_dataset, load_tokenizer
+  config = runs.read_config(workdir)
+  tokenizer = load_tokenizer(workdir)
+  obj = objectives.build(config, model_config(config, tokenizer.vocab_size))
+  ds = obj.wrap_dataset(load_dataset(config.data, config.train.seed, tokenizer))
+  counts = np.bincount(ds.train, minlength=tokenizer.vocab_size)
+  counts[ds.vocab.special] = 0
+  top = int(counts.argmax())
+  hits = total = 0.0
+  for i in range(config.train.eval_batches):
+    b = ds.batch("val", i, config.data.batch_size)
+    hits += float(((b["targets"] == top) * b["weights"]).sum())
+    total += float(b["weights"].sum())
+  return {"token": tokenizer.id_to_token(top), "accuracy": hits / total, "masked_tokens": total}
+
+
+def classify(workdir: Path, task: Path, pretrained: Path, seed: int, steps: int,
+             from_scratch: bool) -> dict:
+  from llmjax import config as cfglib
+  from llmjax import loop
+  c = load_experiment("finetune", str(pretrained))
+  c.data.update(path=str(task / "train.jsonl"), val_path=str(task / "test.jsonl"), packing=False)
+  c.optim.update(lr=3e-4, warmup_steps=20, schedule="linear", min_lr_ratio=0.0)
+  c.train.update(objective="classification", epochs=0, steps=steps, eval_every=0, seed=seed,
+                 keep_best="", progress=False, tensorboard=False, log_every=50)
+  if from_scratch:  # same architecture and tokenizer, random weights
+    c.train.init_from = ""
+    c.data.update(tokenizer="sentencepiece",
+                  tokenizer_path=str(pretrained / "tokenizer.model"), special_tokens=SPECIALS)
+  cfglib.validate(c, 1)
+  t0 = time.perf_counter()
+  result = loop.train(c, str(workdir))
+  return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "loss": result["loss"],
+          "seconds": time.perf_counter() - t0}
+
+
+def spread(values):
+  return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--pretrain_steps", type=int, default=600)
+  p.add_argument("--finetune_steps", type=int, default=200)
+  p.add_argument("--seeds", default="0")
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "bert_finetune.json"))
+  args = p.parse_args()
+  work = Path(args.workdir)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()} {platform.processor() or ''} CPU (shared)".strip(),
+            "command": " ".join(sys.argv)}
+  report["pretrain"] = pretrain(work / "pretrained", args.pretrain_steps)
+  report["unigram_baseline"] = unigram_baseline(work / "pretrained")
+  report["task"] = make_task(work / "task")
+  runs = {"pretrained": [], "scratch": []}
+  for seed in seeds:
+    for name in runs:
+      runs[name].append(classify(work / f"{name}_{seed}", work / "task", work / "pretrained",
+                                 seed, args.finetune_steps, from_scratch=name == "scratch"))
+  report["classification"] = {name: {"runs": r, "accuracy": spread([x["accuracy"] for x in r])}
+                              for name, r in runs.items()}
+  text = json.dumps(report, indent=2, default=float)
+  Path(args.out).write_text(text)
+  final = report["pretrain"]["final"]
+  print(f"MLM accuracy {final['mlm_accuracy']:.4f} (unigram baseline "
+        f"{report['unigram_baseline']['accuracy']:.4f}), NSP accuracy {final['nsp_accuracy']:.4f}")
+  for name, r in report["classification"].items():
+    a = r["accuracy"]
+    print(f"classification {name}: accuracy min {a['min']:.4f} median {a['median']:.4f} "
+          f"max {a['max']:.4f} over seeds {seeds}")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
