@@ -116,6 +116,18 @@ def default_config() -> ml_collections.ConfigDict:
   # XLA devices to split a CPU host into before JAX starts (llmjax/cpu_devices.py): 1 = XLA's
   # single device (default); N = N devices for data parallelism over the cores; 0 = one per core.
   c.mesh.cpu_devices = 1
+
+  # -- issue 10: LoRA adapters (llmjax/model/lora.py, llmjax/adapters.py) and DPO ------------------
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                 # 0: no adapters (full fine-tuning); > 0: LoRA of this rank, base frozen
+      alpha=16.0,             # adapter scale = alpha / rank
+      dropout=0.0,            # dropout on the adapter's input (training only)
+      targets="query,value",  # comma-separated: query, key, value, out, gate, up, down, lm_head,
+                              # or the groups attn, mlp, all
+      base_dtype="float32",   # the frozen base: 'float32' (as loaded) or 'int8' (QLoRA)
+  ))
+  c.mesh.rules.lora_rank = ""  # the adapters' rank axis: replicated
+  c.train.dpo_beta = 0.1       # DPO: strength of the pull towards the reference policy
   return c
 
 
@@ -135,6 +147,7 @@ CHOICES = {
     "train.objective": ("causal_lm", "masked_lm"),
     "mesh.distributed.initialize": ("auto", "on", "off"),
     "train.nonfinite_policy": ("skip", "halt"),
+    "lora.base_dtype": ("float32", "int8"),
 }
 
 
@@ -219,6 +232,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _need(t.objective != "masked_lm" or not m.causal,
         "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
   _validate_checkpointing(t)
+  _validate_lora(config)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
@@ -242,6 +256,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _need(d.seq_len % sizes["sequence"] == 0,
           f"data.seq_len={d.seq_len} is not divisible by mesh.sequence={sizes['sequence']}; "
           "use a sequence-parallel size that divides the sequence length")
+
+
+def _validate_lora(config) -> None:
+  """What can be checked without the model; llmjax.adapters checks targets and ranks against it."""
+  lo = config.lora
+  _need(lo.rank >= 0, f"lora.rank={lo.rank} must be positive (or 0 for no adapters)")
+  _need(lo.rank > 0 or lo.base_dtype == "float32",
+        f"lora.base_dtype={lo.base_dtype!r} quantizes a frozen base, which needs adapters: set "
+        "--config.lora.rank=8 (for example)")
+  _need(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (the adapter scale is alpha/rank)")
+  _need(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
+  _need(config.train.dpo_beta > 0, f"train.dpo_beta={config.train.dpo_beta} must be positive")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from llmjax import adapters
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
 from llmjax import evaluate as evallib
@@ -80,6 +81,7 @@ class Run:
     self.state_shardings, self.abstract_state = prog.state_shardings, prog.abstract_state
     self.train_step, self.eval_step = prog.train_step, prog.eval_step
     self.bytes_per_token = evallib.bytes_per_token(self.tokenizer, self.dataset.val)
+    self.lora_base = None  # {"workdir", "step"} of the base an adapter-only LoRA run reloads
     self._all_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
 
@@ -108,7 +110,10 @@ class Run:
     fresh optimizer, else a freshly initialized state (always created already sharded)."""
     if self.resume_step is not None:
       step = self.resume_step
-      state, items = self.checkpointer.restore(self.abstract_state, step)
+      meta = self.checkpointer.read_meta(step)
+      self.lora_base = meta.get(adapters.BASE_META)
+      state, items = adapters.restore(self.checkpointer, self.abstract_state, step, meta,
+                                      self.mesh, self.program.base_dtype)
       data_step = items.get("data", {}).get("step", step)
       if data_step != int(jax.device_get(state.step)):
         raise ckpt.CheckpointError(f"checkpoint {step} in {self.checkpointer.directory} is "
@@ -120,7 +125,10 @@ class Run:
       source, source_step = self.init_source
       # outside the mesh/rules context: load_run builds its own abstract state
       loaded = runs.load_run(source, source_step, mesh=self.mesh)
-      state = self.program.state_from_params(loaded.params)
+      # a LoRA source contributes its merged weights; a LoRA run here checkpoints only adapters
+      state = self.program.state_from_params(adapters.base_params_of(loaded))
+      if self.program.lora is not None:
+        self.lora_base = adapters.base_meta(source, loaded.step)
       log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
       return state
     return self.program.init(jax.random.key(self.config.train.seed))
@@ -131,6 +139,10 @@ class Run:
             "rng": f"fold_in(key(train.seed={self.config.train.seed}), step): no key is stored"}
     if self.config.train.init_from:
       meta["init_from"] = self.config.train.init_from
+    if self.program.lora is not None:
+      meta[adapters.SPEC_META] = adapters.spec_meta(self.program.lora, self.program.base_dtype)
+    if self.lora_base is not None:
+      meta[adapters.BASE_META] = self.lora_base
     return meta
 
   def save(self, state, step: int) -> None:
@@ -140,6 +152,8 @@ class Run:
       raise ckpt.CheckpointError(f"refusing to checkpoint step {step}: parameters are not finite")
     data = {"step": int(step), "seed": self.config.train.seed,
             "note": "batches are a pure function of (seed, split, step)"}
+    if self.lora_base is not None:  # the base is reloaded from lora_base: save the adapters only
+      state = adapters.adapter_only(state)
     self.checkpointer.save(step, state, self.checkpoint_meta(step), data, self.config.to_dict())
 
   # -- data --------------------------------------------------------------------------------------
@@ -214,6 +228,8 @@ def train(config, workdir: str) -> dict:
   log(f"model: {num_params(run.model_config):,} parameters "
       f"({num_params(run.model_config, include_embeddings=False):,} without embeddings); "
       f"{flops_per_step / tokens_per_step / 1e6:.1f} MFLOPs/token")
+  if run.program.lora is not None:
+    log(adapters.describe(run.program, state))
   log(f"data: {len(run.dataset.train):,} train / {len(run.dataset.val):,} val tokens, "
       f"{run.tokenizer.kind} tokenizer with {run.tokenizer.vocab_size} ids; "
       f"mesh {mesh_desc} over {jax.device_count()} {jax.devices()[0].platform} device(s)")

@@ -14,10 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llmjax import adapters
 from llmjax import config as cfglib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.model import Transformer, TransformerConfig
+from llmjax.model.lora import split as lora_split
 from llmjax.optim import make_optimizer
 
 
@@ -36,6 +38,12 @@ class Program:
   train_step: Callable         # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable          # jitted (params, batch, index) -> (summed loss, token count)
   init_fn: Callable            # rng -> boxed TrainState (see `init` for the sharded one)
+  lora: Any = None             # the LoraSpec of a LoRA run (llmjax.adapters), else None
+  trainable: Any = None        # tree of bools: what the optimizer trains (None: everything)
+
+  @property
+  def base_dtype(self) -> str:
+    return self.config.lora.base_dtype if self.lora is not None else "float32"
 
   @contextlib.contextmanager
   def scope(self):
@@ -46,10 +54,25 @@ class Program:
   def init(self, rng) -> trainlib.TrainState:
     """A freshly initialized state, created already sharded (never whole on one device)."""
     with self.scope():
+      if self.base_dtype != "float32":  # QLoRA from a random base: initialize, then quantize
+        state = jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)))(rng)
+        return self.state_from_params(state.params)
       return jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)), out_shardings=self.state_shardings)(rng)
 
   def state_from_params(self, params) -> trainlib.TrainState:
-    """Step 0 with these weights and a fresh optimizer state (init_from, fine-tuning)."""
+    """Step 0 with these weights and a fresh optimizer state (init_from, fine-tuning). A LoRA
+    program takes either full params or base params without adapters (fresh ones are added)."""
+    if self.lora is not None:
+      from llmjax import adapters
+      adapter, _ = lora_split(params)
+      if not adapter:
+        micro = self.config.data.batch_size // self.config.train.grad_accum_steps
+        shardings = lora_split(adapters.float_shardings(self.abstract_state.params))[0]
+        with self.scope():
+          adapter = adapters.fresh_adapter(
+              self.model, {"tokens": jnp.zeros((micro, self.config.data.seq_len), jnp.int32)},
+              jax.random.key(self.config.train.seed), shardings)
+      params = adapters.attach_base(params, adapter, self.abstract_state.params, self.base_dtype)
     params = jax.device_put(params, self.state_shardings.params)
     with self.scope():
       fresh = jax.jit(lambda p: trainlib.TrainState.create(0, p, self.optimizer.init(p)),
@@ -69,21 +92,31 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
   Nothing is compiled or allocated here: the state layout comes from `jax.eval_shape`, and the
   steps compile on their first call (or through `.lower(...).compile()`)."""
   t = config.train
-  model = Transformer(model_config)
+  model, spec = adapters.wrap(Transformer(model_config), config, model_config)
   optimizer, schedule = make_optimizer(config.optim, t.steps)
   rules = shd.logical_rules(config)
   micro_batch = config.data.batch_size // t.grad_accum_steps
+  trainable = None
+  if spec is not None:  # LoRA: only the adapters train; the base has no optimizer state
+    shapes = jax.eval_shape(lambda r: nn.meta.unbox(model.init(
+        r, jnp.zeros((micro_batch, config.data.seq_len), jnp.int32))["params"]), jax.random.key(0))
+    trainable = adapters.trainable_mask(shapes)
+    optimizer = trainlib.only_trainable(optimizer, trainable)
   init_fn, boxed = trainlib.abstract_state(model, optimizer, (micro_batch, config.data.seq_len))
   state_shardings = trainlib.state_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nn.meta.unbox(boxed), state_shardings)
+  if spec is not None and config.lora.base_dtype != "float32":  # QLoRA: the frozen base is int8
+    abstract_state = abstract_state.replace(
+        params=adapters.quantized_abstract(abstract_state.params, config.lora.base_dtype))
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   batch_sharding = shd.batch_sharding(mesh)
   replicated = shd.replicated(mesh)
   train_step = trainlib.make_train_step(
       model, optimizer, schedule, seed=t.seed, grad_accum_steps=t.grad_accum_steps,
       objective=t.objective, mlm_probability=t.mlm_probability, z_loss=t.z_loss,
       nonfinite_policy=t.nonfinite_policy, nonfinite_halt_after=t.nonfinite_halt_after,
-      inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads))
+      inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads), trainable=trainable)
   eval_step = trainlib.make_eval_step(model, objective=t.objective,
                                       mlm_probability=t.mlm_probability, seed=t.seed)
   return Program(
@@ -94,4 +127,4 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding, None),
                         out_shardings=(replicated, replicated)),
-      init_fn=init_fn)
+      init_fn=init_fn, lora=spec, trainable=trainable)

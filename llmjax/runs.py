@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 
+from llmjax import adapters
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
 from llmjax import program as programlib
@@ -32,6 +33,7 @@ class LoadedRun:
   tokenizer: object
   step: int
   mesh: object
+  workdir: str = ""              # absolute path of the run directory (LoRA runs name their base)
 
 
 def read_config(workdir: str | Path):
@@ -61,11 +63,13 @@ def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedR
     if mesh is None:
       mesh = _default_mesh(config)
     program = programlib.build(config, mesh, model_config)
-    state, _ = checkpointer.restore(program.abstract_state, step)
+    state, _ = adapters.restore(checkpointer, program.abstract_state, step, meta, mesh,
+                                program.base_dtype)
   finally:
     checkpointer.close()
   return LoadedRun(config=config, model_config=model_config, model=program.model,
-                   params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh)
+                   params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh,
+                   workdir=str(Path(workdir).absolute()))
 
 
 def _default_mesh(config):

@@ -111,20 +111,80 @@ def guarded_update(state, grads, loss, params, opt_state, policy: str, halt_afte
                     nonfinite_streak=(state.nonfinite_streak + bad) * bad), finite
 
 
+# -- frozen parameters (LoRA) -------------------------------------------------------------------
+# With a `trainable` mask (a tree of bools over the params' dict structure), the step splits the
+# params into the trainable part and the frozen rest: gradients are taken with respect to the
+# trainable part only (so frozen weights may even be int8: QLoRA), and the optimizer only ever
+# sees that part, so frozen weights have no optimizer state at all.
+def partition(params, mask):
+  """(trainable, frozen): nested dicts sharing the arrays of `params`. Walks dicts only, so a
+  non-dict leaf (an array, or an int8 QArray) is taken whole with its mask entry."""
+  trainable, frozen = {}, {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      t, f = partition(value, mask[key])
+      if t:
+        trainable[key] = t
+      if f:
+        frozen[key] = f
+    elif mask[key]:
+      trainable[key] = value
+    else:
+      frozen[key] = value
+  return trainable, frozen
+
+
+def merge_trees(a, b):
+  """The union of two partitions (inverse of `partition`)."""
+  out = dict(b)
+  for key, value in a.items():
+    out[key] = merge_trees(value, out[key]) if isinstance(value, dict) and key in out else value
+  return out
+
+
+def only_trainable(optimizer, mask):
+  """`optimizer` whose state covers only the trainable part of the params it is initialized on."""
+  return optax.GradientTransformation(lambda params: optimizer.init(partition(params, mask)[0]),
+                                      optimizer.update)
+
+
 def make_train_step(model, optimizer, schedule, *, seed: int, grad_accum_steps: int = 1,
                     objective: str = "causal_lm", mlm_probability: float = 0.15,
                     z_loss: float = 0.0, nonfinite_policy: str = "halt",
-                    nonfinite_halt_after: int = 1, inject_nan_grads: tuple[int, ...] = ()) -> Callable:
+                    nonfinite_halt_after: int = 1, inject_nan_grads: tuple[int, ...] = (),
+                    trainable=None) -> Callable:
   """state, batch -> (state, metrics). With accumulation the batch's leading axis is split into
   `grad_accum_steps` micro-batches whose gradients are averaged (a scan keeps memory flat).
-  Non-finite steps are handled by `guarded_update`."""
+  Non-finite steps are handled by `guarded_update`. `trainable`: see `partition` (None: all)."""
   loss_fn = make_loss_fn(model, objective, mlm_probability, z_loss)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def partial_loss(train_params, batch, rng, deterministic, frozen):
+    params = train_params if frozen is None else merge_trees(train_params, frozen)
+    return loss_fn(params, batch, rng, deterministic)
+
+  inner = _make_step(partial_loss, optimizer, schedule, seed, grad_accum_steps, nonfinite_policy,
+                     nonfinite_halt_after, inject_nan_grads)
+  if trainable is None:
+    return inner
 
   def train_step(state: TrainState, batch):
+    train_params, frozen = partition(state.params, trainable)
+    new_state, metrics = inner(state.replace(params=train_params), batch, frozen=frozen)
+    return new_state.replace(params=merge_trees(new_state.params, frozen)), metrics
+
+  return train_step
+
+
+def _make_step(loss_fn, optimizer, schedule, seed, grad_accum_steps, nonfinite_policy,
+               nonfinite_halt_after, inject_nan_grads):
+  """The step over `state.params` (the trainable part, when `frozen` holds the rest)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch, frozen=None):
+    grad_fn_ = lambda p, b, r, d: grad_fn(p, b, r, d, frozen)  # noqa: E731
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if grad_accum_steps == 1:
-      (_, (loss, _)), grads = grad_fn(state.params, batch, rng, False)
+      (_, (loss, _)), grads = grad_fn_(state.params, batch, rng, False)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
@@ -132,7 +192,7 @@ def make_train_step(model, optimizer, schedule, *, seed: int, grad_accum_steps: 
       def accumulate(carry, xs):
         grads_sum, loss_sum = carry
         i, mb = xs
-        (_, (loss, _)), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), False)
+        (_, (loss, _)), grads = grad_fn_(state.params, mb, jax.random.fold_in(rng, i), False)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)

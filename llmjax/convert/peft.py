@@ -219,7 +219,14 @@ def peft_to_adapter(kind: str, config: dict, tensors: dict[str, np.ndarray],
           f"adapter weights for {module} have shapes A {a.shape}, B {b.shape} but this base model's "
           f"layer is {fan_in} -> {fan_out}; the adapter was trained on a base of another shape")
     for target, row in zip(targets, rows):
-      found.append((target, layer, a, b[row] * scaling))
+      a_t, b_t = a, b[row] * scaling
+      if len(targets) > 1:
+        # a fused module (GPT-2's c_attn): keep the rank components that reach this block, so
+        # an llmjax export (block-diagonal B) comes back with its own rank
+        cols = np.flatnonzero(np.any(b_t != 0, axis=0))
+        if 0 < len(cols) < b_t.shape[1]:
+          a_t, b_t = a_t[cols], b_t[:, cols]
+      found.append((target, layer, a_t, b_t))
   unused = sorted(k for k in tensors if k not in used)
   if unused:
     raise ConversionError(f"adapter weights {', '.join(unused[:3])} name no layer of this "
