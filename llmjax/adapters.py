@@ -60,7 +60,7 @@ def describe(program, state) -> str:
       base, is_leaf=lambda x: isinstance(x, quantize.QArray)))
   return (f"LoRA rank {spec.rank} (alpha {spec.alpha:g}) on {', '.join(spec.targets)}: "
           f"{trained:,} trainable parameters ({trained / total:.2%}); frozen base in "
-          f"{program.base_dtype}, {quantize.weight_bytes(base) / 2**20:.1f} MiB")
+          f"{program.base_dtype}, {quantize.weight_bytes(base) / 2**20:.3g} MiB")
 
 
 # -- the frozen base ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.data import load_tokenizer
-from llmjax.model import Transformer, TransformerConfig
+from llmjax.model import Transformer, TransformerConfig  # noqa: F401 (LoadedRun.model's type)
 from llmjax.optim import make_optimizer
 
 CONFIG_FILE = "config.json"
@@ -33,6 +33,7 @@ class LoadedRun:
   tokenizer: object
   step: int
   mesh: object
+  objective: object = None       # the run's llmjax.objectives.Objective (train.objective)
   workdir: str = ""              # absolute path of the run directory (LoRA runs name their base)
 
 
@@ -69,7 +70,7 @@ def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedR
     checkpointer.close()
   return LoadedRun(config=config, model_config=model_config, model=program.model,
                    params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh,
-                   workdir=str(Path(workdir).absolute()))
+                   objective=program.objective, workdir=str(Path(workdir).absolute()))
 
 
 def _default_mesh(config):

@@ -12,6 +12,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Every architectural choice of the GPT-2 and Llama families, as plain data."""
+  family: str = "decoder"      # the module llmjax.model.build_model builds (FAMILIES there)
   vocab_size: int = 256
   num_layers: int = 4
   num_heads: int = 4
@@ -45,6 +46,10 @@ class TransformerConfig:
   attention_impl: str = "auto" # 'auto' | 'xla' | 'cudnn'
   init_std: float = 0.02
   logits_dtype: str = "float32"
+  # Sequence classification (issue 9): > 0 puts a `classifier` head (embed -> num_labels) on the
+  # pooled final hidden state, and the model returns label logits [batch, num_labels] instead of
+  # token logits: the last real token for causal models, the first for bidirectional ones.
+  num_labels: int = 0
 
   @property
   def kv_heads(self) -> int:
@@ -98,6 +103,8 @@ def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
     total += v * d
     if cfg.position == "learned":
       total += cfg.max_seq_len * d
-    if not cfg.tie_embeddings:
-      total += d * v
+    if not cfg.tie_embeddings and not cfg.num_labels:
+      total += d * v  # a classification model has no LM head
+  if cfg.num_labels:
+    total += d * cfg.num_labels + cfg.num_labels  # classifier kernel + bias
   return total
