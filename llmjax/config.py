@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
                                   # 'all' tokens, or 'last_turn' (the last assistant turn only)
   c.data.truncate = "right"     # over-long examples: cut 'left' / 'right', 'drop' them, or
                                 # 'none' (fail at start naming the first one)
+  c.data.sp_split_digits = False  # a trained sentencepiece vocabulary splits numbers into digits
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -252,6 +253,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
   _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
   _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
+  _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
+        f"train.keep_best={t.keep_best!r} must name a validation metric, e.g. 'val/loss' or "
+        "'val/accuracy'")
+  _need(d.format == "auto" or _is_task_path(d.path) or not d.path,
+        f"data.format={d.format!r} needs task data in data.path (.jsonl, .parquet or a datasets "
+        f"directory), got {d.path!r}")
   _validate_checkpointing(t)
   _validate_lora(config)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
@@ -289,6 +296,19 @@ def _validate_lora(config) -> None:
   _need(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (the adapter scale is alpha/rank)")
   _need(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
   _need(config.train.dpo_beta > 0, f"train.dpo_beta={config.train.dpo_beta} must be positive")
+  if config.train.objective == "dpo":
+    # the reference policy is the starting model with the adapters switched off: no second copy
+    _need(bool(config.train.init_from),
+          "train.objective='dpo' needs the starting model it is measured against (the reference "
+          "policy): set --config.train.init_from=<run, e.g. an SFT run or an HF import>")
+    _need(lo.rank > 0,
+          "train.objective='dpo' trains LoRA adapters so the reference is the base with them "
+          "switched off (no second copy of the weights): set --config.lora.rank=8 (for example)")
+
+
+def _is_task_path(path: str) -> bool:
+  from llmjax.data.formats import is_task_path
+  return is_task_path(path)
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

@@ -40,10 +40,14 @@ def build(config, model_config) -> Objective:
 
 # The landed objectives (registration order = the order listed in errors and docs).
 from llmjax.objectives.causal_lm import CausalLM  # noqa: E402
+from llmjax.objectives.classification import Classification  # noqa: E402
 from llmjax.objectives.masked_lm import MaskedLM  # noqa: E402
 
 register("causal_lm")(CausalLM)
 register("masked_lm")(MaskedLM)
+register("classification")(Classification)
+from llmjax.objectives.dpo import DPO  # noqa: E402  (issue 10)
+register("dpo")(DPO)
 
-__all__ = ["Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
-           "CausalLM", "MaskedLM"]
+__all__ = ["DPO", "Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
+           "CausalLM", "MaskedLM", "Classification"]

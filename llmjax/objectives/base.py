@@ -17,6 +17,7 @@ on the objective's name, so a new objective is a new module plus a `@register("n
   batch size or sharding averages exactly. `finalize(sums)` turns the totals into metrics.
 - `trainable(params)` -> a pytree of bools (default all True); frozen leaves get no optimizer
   state and no gradient (LoRA).
+- `data_options` (class attribute): extra load_dataset keywords the objective's batches need.
 - `reports_bits_per_byte`: True for token-level LM objectives, whose eval loss is also reported
   in bits per character/byte.
 """
@@ -38,6 +39,8 @@ class BatchField(NamedTuple):
 class Objective:
   name = ""
   reports_bits_per_byte = False
+  # extra keyword arguments for llmjax.data.load_dataset (e.g. {"classification": True})
+  data_options: dict = {}
 
   def __init__(self, config, model_config):
     self.config = config
