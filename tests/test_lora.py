@@ -310,3 +310,25 @@ def test_adapter_export_errors_are_one_line(base_run, tmp_path):
   assert proc.stderr.strip().splitlines() == [
       f"llmjax: error: {base_run} was not trained with LoRA (lora.rank=0), so it has no adapter; "
       "export its full weights without --adapter"]
+
+
+@pytest.mark.slow
+def test_lora_trains_alike_on_every_mesh(tmp_path):
+  """5 LoRA steps on the fake 8-device layouts (tests/lora_spmd_driver.py) give one device's
+  losses and adapters; the base never moves."""
+  from test_sharding import FAST_XLA
+  out = str(tmp_path / "run.npz")
+  proc = run_cli(["tests/lora_spmd_driver.py", out], timeout=1200, env_extra={
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = json.load(open(out + ".json"))
+  arrays = dict(np.load(out))
+  ref = np.array(info["losses"]["single"])
+  for layout in ("data8", "fsdp8", "fsdp4_tensor2", "data2_fsdp2_tensor2"):
+    np.testing.assert_allclose(info["losses"][layout], ref, rtol=1e-5, atol=0)
+    for key, value in arrays.items():
+      if key.startswith(f"{layout}/"):
+        np.testing.assert_allclose(value, arrays["single/" + key.split("/", 1)[1]], atol=1e-5)
+  moved = [k for k in arrays if k.startswith("single/") and
+           np.abs(arrays[k] - arrays["init_" + k]).max() > 0]
+  assert moved and all("lora_" in k for k in moved), moved

@@ -150,3 +150,69 @@ def test_import_refuses_a_base_of_another_shape(hf, tmp_path):
     peftconv.peft_to_adapter(loaded.family, cfg_json, tensors, shallower)
   with pytest.raises(convert.ConversionError, match="not a PEFT adapter directory"):
     peftconv.read_adapter(tmp_path / "nothing")
+
+
+def _greedy_matches(torch_model, ours, prompts, steps=32):
+  """Greedy continuations agree, up to exact ties of the reference's logits (a random model can
+  produce them: at the first differing token both candidates must be tied to fp32 noise)."""
+  with torch.no_grad():
+    theirs = torch_model.generate(torch.as_tensor(prompts, dtype=torch.long),
+                                  attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                                  max_new_tokens=steps, do_sample=False, pad_token_id=0)
+  theirs = theirs[:, prompts.shape[1]:].numpy().tolist()
+  for b, (mine, ref) in enumerate(zip(ours, theirs)):
+    if mine == ref:
+      continue
+    k = next(i for i, (a, t) in enumerate(zip(mine, ref)) if a != t)
+    with torch.no_grad():
+      logits = torch_model(torch.as_tensor([prompts[b].tolist() + ref[:k]])).logits[0, -1]
+    gap = abs(float(logits[mine[k]] - logits[ref[k]]))
+    assert gap < 1e-5, f"sequence {b} differs at token {k} with a logit gap of {gap}"
+  assert sum(a == t for a, t in zip(ours, theirs)) >= 1 and len(set(ours[0])) > 1
+
+
+@pytest.mark.parametrize("name,targets", [("gpt2", "query,value,out,mlp"),
+                                          ("llama", "attn,mlp,lm_head")])
+def test_peft_round_trip_after_fine_tuning(hf, tmp_path, name, targets):
+  """The bar: HF import -> LoRA fine-tune a few steps -> adapter export -> PeftModel on the HF
+  base gives llmjax's logits (1e-4) and 32-token greedy continuation; the merged export loads in
+  plain transformers with the same logits."""
+  from llmjax import loop, runs
+  from llmjax.generate import generate
+  from test_convert import TEXT
+  model, path = hf[name]
+  base = tmp_path / "base"
+  convert.import_hf(path, base)
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text(TEXT * 5)
+  config = runs.read_config(base)
+  config.data.update(path=str(corpus), seq_len=32, batch_size=4)
+  config.lora.update(rank=4, alpha=8.0, targets=targets)
+  config.optim.update(lr=2e-2, warmup_steps=0)
+  config.train.update(steps=4, init_from=str(base), eval_every=0, eval_batches=1,
+                      sample_tokens=0, progress=False, tensorboard=False, checkpoint_every=0)
+  loop.train(config, str(tmp_path / "lora"))
+  tuned = runs.load_run(tmp_path / "lora")
+  adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+  convert.export_adapter(tmp_path / "lora", adapter_dir)
+  convert.export_hf(tmp_path / "lora", merged_dir, merge=True)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    peft_model = peft.PeftModel.from_pretrained(_fresh(name, path), adapter_dir).eval()
+  ids = _ids(length=20, seed=9)
+  ours = np.asarray(tuned.model.apply({"params": tuned.params}, jnp.asarray(ids)))
+  theirs = _torch_logits(peft_model, ids)
+  assert np.abs(theirs - _torch_logits(model, ids)).max() > 1e-3  # fine-tuning changed the model
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+  prompts = _ids(length=8, seed=3)
+  _greedy_matches(peft_model, generate(tuned.model, tuned.params, prompts.tolist(), 32,
+                                       temperature=0.0), prompts)
+  cls, _ = _hf_configs()[name]
+  merged = cls.from_pretrained(merged_dir).eval()
+  np.testing.assert_allclose(_torch_logits(merged, ids), ours, atol=1e-4, rtol=0)
+  # and the adapter comes back into llmjax: peft_import onto the imported base
+  convert.import_peft(adapter_dir, base, tmp_path / "back")
+  back = runs.load_run(tmp_path / "back")
+  np.testing.assert_allclose(np.asarray(back.model.apply({"params": back.params},
+                                                          jnp.asarray(ids))), ours, atol=1e-5)
