@@ -68,7 +68,8 @@ def sft_config(train: str, steps: int):
   from llmjax.config import default_config
   c = default_config()
   c.model.update(num_layers=2, num_heads=4, embed_dim=64, max_seq_len=16, dropout=0.0)
-  c.data.update(path=train, seq_len=16, batch_size=32, packing=False, val_fraction=0.1)
+  c.data.update(path=train, seq_len=16, batch_size=32, packing=False, val_fraction=0.1,
+                train_on="all")  # the prompts too: letter features the DPO adapters can use
   c.optim.update(lr=3e-3, warmup_steps=20, weight_decay=0.0)
   c.train.update(steps=steps, eval_every=0, eval_batches=2, log_every=50, checkpoint_every=0,
                  sample_tokens=0, progress=False, tensorboard=False)
@@ -81,7 +82,7 @@ def dpo_config(sft: str, train: str, test: str, steps: int, beta: float, rank: i
   c.model = runs.read_config(sft).model
   c.data.update(val_path=test)
   c.lora.update(rank=rank, alpha=2.0 * rank, targets="all")
-  c.optim.update(lr=5e-3, warmup_steps=10)
+  c.optim.update(lr=2e-3, warmup_steps=10)
   c.train.update(objective="dpo", dpo_beta=beta, init_from=sft, eval_batches=0)
   return c
 
@@ -122,7 +123,7 @@ def judge(workdir: str, pairs: list[dict]) -> dict:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sft_steps", type=int, default=300)
-  p.add_argument("--dpo_steps", type=int, default=200)
+  p.add_argument("--dpo_steps", type=int, default=300)
   p.add_argument("--beta", type=float, default=0.1)
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--train_prompts", type=int, default=1500)

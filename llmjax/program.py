@@ -13,8 +13,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-import optax
-
 from llmjax import adapters
 from llmjax import config as cfglib
 from llmjax import objectives as objlib
