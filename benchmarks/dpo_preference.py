@@ -1,10 +1,10 @@
 """DPO bar: a synthetic preference with one right answer, learned by LoRA DPO on a tiny model.
 
-Prompts are three random letters and a question mark ("kqd?"); the preferred answer is " yes"
-when the first letter comes before 'n' and " no" otherwise. Train and held-out prompts are
-disjoint.
+Prompts are three random letters and a question mark ("kqd?"); the preferred answer is "Y" when
+the first letter comes before 'n' and "N" otherwise (one character: chosen and rejected differ in
+exactly one token, the decision). Train and held-out prompts are disjoint.
 
-1. SFT a small character-level model from scratch on the prompts with " yes" / " no" drawn at
+1. SFT a small character-level model from scratch on the prompts with "Y" / "N" drawn at
    random (so it answers in the format but has no preference).
 2. DPO with LoRA adapters (train.objective=dpo) from the SFT run; the reference policy is the SFT
    model (the base with the adapters off).
@@ -34,7 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def answer(prompt: str) -> str:
-  return " yes" if prompt[0] < "n" else " no"
+  return "Y" if prompt[0] < "n" else "N"
 
 
 def prompts(seed: int, count: int) -> list[str]:
@@ -51,11 +51,11 @@ def datasets(seed: int, n_train: int, n_test: int):
   every = prompts(seed, n_train + n_test)
   train, test = every[:n_train], every[n_train:]
   rng = random.Random(seed + 1)
-  sft = [{"prompt": p, "completion": rng.choice([" yes", " no"])} for p in train]
+  sft = [{"prompt": p, "completion": rng.choice(["Y", "N"])} for p in train]
 
   def pair(p):
     right = answer(p)
-    return {"prompt": p, "chosen": right, "rejected": " no" if right == " yes" else " yes"}
+    return {"prompt": p, "chosen": right, "rejected": "N" if right == "Y" else "Y"}
   return sft, [pair(p) for p in train], [pair(p) for p in test]
 
 
@@ -115,9 +115,9 @@ def judge(workdir: str, pairs: list[dict]) -> dict:
   outs = generate(run.model, run.params, [tok.encode(p["prompt"]) for p in pairs], 4,
                   temperature=0.0)
   follows = [tok.decode(o).startswith(p["chosen"]) for o, p in zip(outs, pairs)]
-  answered = [tok.decode(o).startswith((" yes", " no")) for o in outs]
+  answered = [tok.decode(o).startswith(("Y", "N")) for o in outs]
   return {"preference_accuracy": float(np.mean(prefer)), "greedy_follows": float(np.mean(follows)),
-          "greedy_answers_yes_or_no": float(np.mean(answered))}
+          "greedy_answers_y_or_n": float(np.mean(answered))}
 
 
 def main() -> None:

@@ -149,18 +149,18 @@ def test_dpo_without_a_reference_compatible_start_exits_2(tmp_path, extra, messa
 
 @pytest.mark.slow
 def test_dpo_learns_a_synthetic_preference(tmp_path):
-  """SFT answers " yes"/" no" at random; DPO (LoRA) must make the held-out preference accuracy
-  and the greedy answers follow the rule (benchmarks/dpo_preference.py, smaller)."""
+  """SFT answers "Y"/"N" at random; DPO (LoRA) must make the held-out preference accuracy and
+  the greedy answers follow the rule (benchmarks/dpo_preference.py's defaults)."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import dpo_preference as bench
   from llmjax import loop
   sft, train, test = bench.datasets(0, 1500, 200)
   paths = {k: bench.write_jsonl(tmp_path / f"{k}.jsonl", v)
            for k, v in (("sft", sft), ("train", train), ("test", test))}
-  loop.train(bench.sft_config(paths["sft"], 200), str(tmp_path / "sft"))
+  loop.train(bench.sft_config(paths["sft"], 300), str(tmp_path / "sft"))
   before = bench.judge(str(tmp_path / "sft"), test)
   assert 0.25 < before["preference_accuracy"] < 0.75  # chance: the SFT data had no preference
-  final = loop.train(bench.dpo_config(str(tmp_path / "sft"), paths["train"], paths["test"], 150,
+  final = loop.train(bench.dpo_config(str(tmp_path / "sft"), paths["train"], paths["test"], 300,
                                       0.1, 8), str(tmp_path / "dpo"))
   after = bench.judge(str(tmp_path / "dpo"), test)
   assert final["accuracy"] >= 0.9 and after["preference_accuracy"] >= 0.9
