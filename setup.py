@@ -42,6 +42,7 @@ setup(
             "lm-eval>=0.4.13,<0.5",  # tests/test_evaluate_cli.py: the lm-eval adapter
             "scikit-learn>=1.3",     # tests/test_eval_metrics.py: macro-F1 / confusion reference
             "pyarrow>=14", "datasets>=2.14",  # tests/test_formats.py: Parquet and datasets dirs
+            "peft>=0.17,<1",         # tests/test_peft.py: LoRA adapters both ways (tested with 0.21.2)
         ],
         # python -m llmjax.lm_eval: lm-evaluation-harness tasks on a run (tested with 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5"],

@@ -147,6 +147,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.mlm_random_fraction = 0.1
   c.train.mlm_whole_word = False   # select whole words (all their pieces) at once
   c.train.mlm_nsp = False          # next-sentence prediction on [CLS] A [SEP] B [SEP] rows
+
+  # -- issue 10: LoRA adapters (llmjax/model/lora.py, llmjax/adapters.py) and DPO ------------------
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                 # 0: no adapters (full fine-tuning); > 0: LoRA of this rank, base frozen
+      alpha=16.0,             # adapter scale = alpha / rank
+      dropout=0.0,            # dropout on the adapter's input (training only)
+      targets="query,value",  # comma-separated: query, key, value, out, gate, up, down, lm_head,
+                              # or the groups attn, mlp, all
+      base_dtype="float32",   # the frozen base: 'float32' (as loaded) or 'int8' (QLoRA)
+  ))
+  c.mesh.rules.lora_rank = ""  # the adapters' rank axis: replicated
+  c.train.dpo_beta = 0.1       # DPO: strength of the pull towards the reference policy
   return c
 
 
@@ -168,6 +180,7 @@ CHOICES = {
     "optim.optimizer": ("adamw", "muon"),
     "mesh.distributed.initialize": ("auto", "on", "off"),
     "train.nonfinite_policy": ("skip", "halt"),
+    "lora.base_dtype": ("float32", "int8"),
 }
 
 
@@ -275,6 +288,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         f"data.format={d.format!r} needs task data in data.path (.jsonl, .parquet or a datasets "
         f"directory), got {d.path!r}")
   _validate_checkpointing(t)
+  _validate_lora(config)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
@@ -323,6 +337,26 @@ def _validate_encoder(m, t) -> None:
         "--config.model.pooler=True --config.model.nsp_head=True")
   _need(not (t.mlm_nsp or t.mlm_whole_word) or t.objective == "masked_lm",
         "train.mlm_nsp and train.mlm_whole_word apply to train.objective='masked_lm'")
+
+
+def _validate_lora(config) -> None:
+  """What can be checked without the model; llmjax.adapters checks targets and ranks against it."""
+  lo = config.lora
+  _need(lo.rank >= 0, f"lora.rank={lo.rank} must be positive (or 0 for no adapters)")
+  _need(lo.rank > 0 or lo.base_dtype == "float32",
+        f"lora.base_dtype={lo.base_dtype!r} quantizes a frozen base, which needs adapters: set "
+        "--config.lora.rank=8 (for example)")
+  _need(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (the adapter scale is alpha/rank)")
+  _need(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
+  _need(config.train.dpo_beta > 0, f"train.dpo_beta={config.train.dpo_beta} must be positive")
+  if config.train.objective == "dpo":
+    # the reference policy is the starting model with the adapters switched off: no second copy
+    _need(bool(config.train.init_from),
+          "train.objective='dpo' needs the starting model it is measured against (the reference "
+          "policy): set --config.train.init_from=<run, e.g. an SFT run or an HF import>")
+    _need(lo.rank > 0,
+          "train.objective='dpo' trains LoRA adapters so the reference is the base with them "
+          "switched off (no second copy of the weights): set --config.lora.rank=8 (for example)")
 
 
 def _is_task_path(path: str) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from llmjax import adapters
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
 from llmjax import evaluate as evallib
@@ -106,6 +107,7 @@ class Run:
     self.state_shardings, self.abstract_state = prog.state_shardings, prog.abstract_state
     self.train_step, self.eval_step = prog.train_step, prog.eval_step
     self.bytes_per_token = evallib.bytes_per_token(self.tokenizer, self.dataset.val)
+    self.lora_base = None  # {"workdir", "step"} of the base an adapter-only LoRA run reloads
     self._all_finite = jax.jit(lambda p: jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
 
@@ -191,7 +193,10 @@ class Run:
     while self.resume_step is not None:
       step = self.resume_step
       try:
-        state, items = self.checkpointer.restore(self.abstract_state, step)
+        meta = self.checkpointer.read_meta(step)
+        self.lora_base = meta.get(adapters.BASE_META)
+        state, items = adapters.restore(self.checkpointer, self.abstract_state, step, meta,
+                                        self.mesh, self.program.base_dtype)
       except ckpt.DamagedCheckpoint as e:  # fall back to the newest one that restores
         self._set_aside(e)
         self.resume_step, _ = self._newest_readable()
@@ -212,11 +217,13 @@ class Run:
       source, source_step = self.init_source
       # outside the mesh/rules context: load_run builds its own abstract state
       loaded = runs.load_run(source, source_step, mesh=self.mesh)
-      params = loaded.params
-      fresh = self.program.abstract_state.params
-      if jax.tree.structure(params) != jax.tree.structure(fresh):
+      # a LoRA source contributes its merged weights; a LoRA run here checkpoints only adapters
+      params = adapters.base_params_of(loaded)
+      if _lacks_leaves(params, self.program.abstract_state.params):
         params = _add_new_leaves(self.program, params)  # e.g. a new classifier head
       state = self.program.state_from_params(params)
+      if self.program.lora is not None:
+        self.lora_base = adapters.base_meta(source, loaded.step)
       log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
       return state
     return self.program.init(jax.random.key(self.config.train.seed))
@@ -228,6 +235,10 @@ class Run:
             "corpus": self.corpus}
     if self.config.train.init_from:
       meta["init_from"] = self.config.train.init_from
+    if self.program.lora is not None:
+      meta[adapters.SPEC_META] = adapters.spec_meta(self.program.lora, self.program.base_dtype)
+    if self.lora_base is not None:
+      meta[adapters.BASE_META] = self.lora_base
     return meta
 
   def save(self, state, step: int) -> None:
@@ -237,6 +248,8 @@ class Run:
       raise ckpt.CheckpointError(f"refusing to checkpoint step {step}: parameters are not finite")
     data = {"step": int(step), "seed": self.config.train.seed,
             "note": "batches are a pure function of (seed, split, step)"}
+    if self.lora_base is not None:  # the base is reloaded from lora_base: save the adapters only
+      state = adapters.adapter_only(state)
     self.checkpointer.save(step, state, self.checkpoint_meta(step), data, self.config.to_dict(),
                            tokenizer=self.tokenizer_item)
 
@@ -313,6 +326,19 @@ def _apply_data_to_config(config, dataset) -> None:
       raise cfglib.ConfigError("train.epochs needs task data (data.path=<.jsonl/.parquet/datasets "
                                "dir>); for raw text set train.steps instead")
     config.train.steps = dataset.steps_for_epochs(config.train.epochs, config.data.batch_size)
+
+
+def _lacks_leaves(params, abstract) -> bool:
+  """True when the model (`abstract` params) has a weight `params` lacks; LoRA adapters (added
+  fresh by Program.state_from_params) do not count."""
+  for key, value in abstract.items():
+    if key in ("lora_a", "lora_b"):
+      continue
+    if key not in params:
+      return True
+    if isinstance(value, dict) and _lacks_leaves(params[key], value):
+      return True
+  return False
 
 
 def _add_new_leaves(program, params):
@@ -422,6 +448,8 @@ def _train(config, workdir: str, allow_corpus_change: bool) -> dict:
   log(f"model: {num_params(run.model_config):,} parameters "
       f"({num_params(run.model_config, include_embeddings=False):,} without embeddings); "
       f"{flops_per_step / tokens_per_step / 1e6:.1f} MFLOPs/token")
+  if run.program.lora is not None:
+    log(adapters.describe(run.program, state))
   log(f"data: {len(run.dataset.train):,} train / {len(run.dataset.val):,} val tokens, "
       f"{run.tokenizer.kind} tokenizer with {run.tokenizer.vocab_size} ids; "
       f"mesh {mesh_desc} over {jax.device_count()} {jax.devices()[0].platform} device(s)")

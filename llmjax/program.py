@@ -13,13 +13,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-import optax
-
+from llmjax import adapters
 from llmjax import config as cfglib
 from llmjax import objectives as objlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.model import TransformerConfig, build_model
+from llmjax.model.lora import split as lora_split
 from llmjax.optim import make_optimizer
 
 
@@ -39,6 +39,12 @@ class Program:
   train_step: Callable         # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable          # jitted (params, batch, index) -> objective.eval_sums (sums)
   init_fn: Callable            # rng -> boxed TrainState (see `init` for the sharded one)
+  lora: Any = None             # the LoraSpec of a LoRA run (llmjax.adapters), else None
+  trainable: Any = None        # tree of bools: what the optimizer trains (None: everything)
+
+  @property
+  def base_dtype(self) -> str:
+    return self.config.lora.base_dtype if self.lora is not None else "float32"
 
   @contextlib.contextmanager
   def scope(self):
@@ -49,10 +55,24 @@ class Program:
   def init(self, rng) -> trainlib.TrainState:
     """A freshly initialized state, created already sharded (never whole on one device)."""
     with self.scope():
+      if self.base_dtype != "float32":  # QLoRA from a random base: initialize, then quantize
+        state = jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)))(rng)
+        return self.state_from_params(state.params)
       return jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)), out_shardings=self.state_shardings)(rng)
 
   def state_from_params(self, params) -> trainlib.TrainState:
-    """Step 0 with these weights and a fresh optimizer state (init_from, fine-tuning)."""
+    """Step 0 with these weights and a fresh optimizer state (init_from, fine-tuning). A LoRA
+    program takes either full params or base params without adapters (fresh ones are added)."""
+    if self.lora is not None:
+      adapter, _ = lora_split(params)
+      if not adapter:
+        micro = self.config.data.batch_size // self.config.train.grad_accum_steps
+        shardings = lora_split(adapters.float_shardings(self.abstract_state.params))[0]
+        with self.scope():
+          adapter = adapters.fresh_adapter(
+              self.model, self.objective.init_inputs((micro, self.config.data.seq_len)),
+              jax.random.key(self.config.train.seed), shardings)
+      params = adapters.attach_base(params, adapter, self.abstract_state.params, self.base_dtype)
     params = jax.device_put(params, self.state_shardings.params)
     with self.scope():
       fresh = jax.jit(lambda p: trainlib.TrainState.create(0, p, self.optimizer.init(p)),
@@ -73,21 +93,24 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
   Nothing is compiled or allocated here: the state layout comes from `jax.eval_shape`, and the
   steps compile on their first call (or through `.lower(...).compile()`)."""
   t = config.train
-  model = build_model(model_config)
+  model, spec = adapters.wrap(build_model(model_config), config, model_config)
   objective = objlib.build(config, model_config)
   rules = shd.logical_rules(config)
   micro_batch = config.data.batch_size // t.grad_accum_steps
   init_inputs = objective.init_inputs((micro_batch, config.data.seq_len))
   optimizer, schedule = make_optimizer(config.optim, t.steps)
-  trainable = _trainable_mask(model, objective, init_inputs)
+  trainable = _trainable_mask(model, objective, init_inputs, spec)
   if trainable is not None:
-    # frozen leaves: no optimizer state (masked out of the inner optimizer) and a zero update
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable)
-    optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+    # frozen leaves: no gradient and no optimizer state (see train.partition)
+    optimizer = trainlib.only_trainable(optimizer, trainable)
   init_fn, boxed = trainlib.abstract_state(model, optimizer, init_inputs)
   state_shardings = trainlib.state_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nn.meta.unbox(boxed), state_shardings)
+  if spec is not None and config.lora.base_dtype != "float32":  # QLoRA: the frozen base is int8
+    abstract_state = abstract_state.replace(
+        params=adapters.quantized_abstract(abstract_state.params, config.lora.base_dtype))
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   batch_sharding = {k: shd.batch_sharding(mesh, len(f.shape))
                     for k, f in objective.batch_spec(config).items()}
   replicated = shd.replicated(mesh)
@@ -105,12 +128,15 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding, None),
                         out_shardings=replicated),
-      init_fn=init_fn)
+      init_fn=init_fn, lora=spec, trainable=trainable)
 
 
-def _trainable_mask(model, objective, init_inputs):
-  """objective.trainable over the (abstract) params, or None when everything trains."""
+def _trainable_mask(model, objective, init_inputs, spec=None):
+  """objective.trainable over the (abstract) params (and with LoRA, only the adapters and a new
+  task head), or None when everything trains."""
   shapes = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, **init_inputs)["params"]),
                           jax.random.key(0))
   mask = objective.trainable(shapes)
+  if spec is not None:
+    mask = jax.tree.map(lambda a, b: bool(a) and bool(b), mask, adapters.trainable_mask(shapes))
   return None if objlib.all_trainable(mask) else mask

@@ -141,6 +141,25 @@ def quantize_params(params, mode: str = "int8"):
   return _map(params, convert)
 
 
+def quantize_abstract(abstract_params):
+  """What quantize_params makes of sharded ShapeDtypeStructs, without computing anything: the
+  state layout of a program whose frozen weights are int8 (QLoRA)."""
+  def convert(path, w):
+    axes = _input_axes(path, len(w.shape))
+    if axes is None:
+      return w
+    scale_shape = tuple(1 if i in axes else n for i, n in enumerate(w.shape))
+    sharding = getattr(w, "sharding", None)
+    scale_sharding = None
+    if isinstance(sharding, NamedSharding):
+      spec = tuple(sharding.spec) + (None,) * (len(w.shape) - len(sharding.spec))
+      scale_sharding = NamedSharding(sharding.mesh,
+                                     P(*(None if i in axes else s for i, s in enumerate(spec))))
+    return QArray(jax.ShapeDtypeStruct(w.shape, jnp.int8, sharding=sharding),
+                  jax.ShapeDtypeStruct(scale_shape, w.dtype, sharding=scale_sharding))
+  return _map(abstract_params, convert)
+
+
 def dequantize_params(params):
   """Float params back from quantized ones (for comparisons and export)."""
   return jax.tree.map(lambda x: x.dequantize() if isinstance(x, QArray) else x, params,

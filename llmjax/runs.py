@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 
+from llmjax import adapters
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
 from llmjax import program as programlib
@@ -35,6 +36,7 @@ class LoadedRun:
   step: int
   mesh: object
   objective: object = None       # the run's llmjax.objectives.Objective (train.objective)
+  workdir: str = ""              # absolute path of the run directory (LoRA runs name their base)
 
 
 def read_config(workdir: str | Path):
@@ -68,7 +70,8 @@ def load_run(workdir: str | Path, step: int | str | None = None, mesh=None) -> L
         meta = checkpointer.read_meta(candidate)
         model_config = TransformerConfig.from_mapping(meta["model"])
         program = programlib.build(config, mesh, model_config)
-        state, _ = checkpointer.restore(program.abstract_state, candidate)
+        state, _ = adapters.restore(checkpointer, program.abstract_state, candidate, meta,
+                                    mesh, program.base_dtype)
         step = candidate
         break
       except ckpt.DamagedCheckpoint as e:
@@ -81,7 +84,7 @@ def load_run(workdir: str | Path, step: int | str | None = None, mesh=None) -> L
     checkpointer.close()
   return LoadedRun(config=config, model_config=model_config, model=program.model,
                    params=state.params, tokenizer=tokenizer, step=int(step), mesh=mesh,
-                   objective=program.objective)
+                   objective=program.objective, workdir=str(Path(workdir).absolute()))
 
 
 def run_tokenizer(workdir: str | Path, checkpointer, step: int):

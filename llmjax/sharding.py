@@ -20,7 +20,8 @@ BATCH_AXES = ("data", "fsdp")
 # same mesh axis: flax gives it to the first rule and leaves the later dimension unsharded. 'batch'
 # comes first so activations [batch, length, embed] are split over (data, fsdp) on the batch axis
 # and stay whole along 'embed' (whose weights FSDP shards over the same 'fsdp' axis).
-RULE_ORDER = ("batch", "length", "layers", "vocab", "heads", "kv_heads", "mlp", "embed", "kv")
+RULE_ORDER = ("batch", "length", "layers", "vocab", "heads", "kv_heads", "mlp", "embed", "kv",
+              "lora_rank")
 
 
 def _slice_ids(devices) -> set:

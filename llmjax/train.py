@@ -62,11 +62,42 @@ def make_loss_fn(model: nn.Module, objective=None, z_loss: float = 0.0):
   return loss_fn
 
 
-def _freeze(params, trainable):
-  """stop_gradient on frozen leaves: their gradient is a constant zero, so XLA drops the work."""
-  if trainable is None:
-    return params
-  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, trainable)
+# -- frozen parameters (LoRA) -------------------------------------------------------------------
+# With a `trainable` mask (a tree of bools over the params' dict structure), the step splits the
+# params into the trainable part and the frozen rest: gradients are taken with respect to the
+# trainable part only (so frozen weights may even be int8: QLoRA, which jax cannot differentiate),
+# and the optimizer only ever sees that part, so frozen weights have no optimizer state at all.
+def partition(params, mask):
+  """(trainable, frozen): nested dicts sharing the arrays of `params`. Walks dicts only, so a
+  non-dict leaf (an array, or an int8 QArray) is taken whole with its mask entry."""
+  trainable, frozen = {}, {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      t, f = partition(value, mask[key])
+      if t:
+        trainable[key] = t
+      if f:
+        frozen[key] = f
+    elif mask[key]:
+      trainable[key] = value
+    else:
+      frozen[key] = value
+  return trainable, frozen
+
+
+def merge_trees(a, b):
+  """The union of two partitions (inverse of `partition`)."""
+  out = dict(b)
+  for key, value in a.items():
+    out[key] = merge_trees(value, out[key]) if isinstance(value, dict) and key in out else value
+  return out
+
+
+def only_trainable(optimizer, mask):
+  """`optimizer` whose state covers only the trainable part of the params it is initialized on
+  (its update then takes that part's gradients and params)."""
+  return optax.GradientTransformation(lambda params: optimizer.init(partition(params, mask)[0]),
+                                      optimizer.update)
 
 
 def poison_gradients(grads, step, steps: tuple[int, ...]):
@@ -103,17 +134,24 @@ def make_train_step(model, optimizer, schedule, objective=None, *, seed: int,
   """state, batch -> (state, metrics) for `objective` (an llmjax.objectives.Objective; default
   plain causal LM). With accumulation the batch's leading axis is split into `grad_accum_steps`
   micro-batches whose gradients (and reported losses) are averaged (a scan keeps memory flat).
-  `trainable`: a pytree of bools (objective.trainable) or None for all; frozen leaves get zero
-  gradient. Non-finite steps are handled by `guarded_update`. Metrics: loss, grad_norm, lr, the
+  `trainable`: a pytree of bools (objective.trainable) or None for all; only the trainable part
+  is differentiated and updated (see `partition`; the optimizer must be `only_trainable`).
+  Non-finite steps are handled by `guarded_update`. Metrics: loss, grad_norm, lr, the
   guard's counters, and every extra aux entry of the objective (not aux["weight"])."""
   objective = objective if objective is not None else default_objective(model)
 
-  def loss_fn(params, batch, rng):
-    return objective.loss(model, _freeze(params, trainable), batch, rng, False)
+  def loss_fn(params, batch, rng, frozen):
+    full = params if frozen is None else merge_trees(params, frozen)
+    return objective.loss(model, full, batch, rng, False)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
+    frozen = None
+    if trainable is not None:  # from here on, state.params is the trainable part only
+      train_params, frozen = partition(state.params, trainable)
+      state = state.replace(params=train_params)
+    grad_fn = lambda p, b, r: value_and_grad(p, b, r, frozen)  # noqa: E731
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if grad_accum_steps == 1:
       (_, aux), grads = grad_fn(state.params, batch, rng)
@@ -145,6 +183,8 @@ def make_train_step(model, optimizer, schedule, objective=None, *, seed: int,
                     "lr": schedule(state.step),
                     "nonfinite_skipped": new_state.nonfinite_skipped,
                     "nonfinite_streak": new_state.nonfinite_streak})
+    if frozen is not None:
+      new_state = new_state.replace(params=merge_trees(new_state.params, frozen))
     return new_state, metrics
 
   return train_step

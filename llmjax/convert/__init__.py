@@ -12,7 +12,9 @@ From a notebook::
     convert.export_hf("runs/mine", "hf_out")               # config.json + model.safetensors
 
 The command line does the same: `python -m llmjax.convert hf_import --hf_dir=DIR --workdir=RUN`
-and `python -m llmjax.convert hf_export --workdir=RUN --hf_dir=OUT [--step=N]`.
+and `python -m llmjax.convert hf_export --workdir=RUN --hf_dir=OUT [--step=N]`. LoRA runs export
+their adapters for PEFT (`hf_export --adapter`) or merged weights (`hf_export --merge`), and
+`peft_import --hf_dir=ADAPTER --base=RUN --workdir=NEW` brings a PEFT adapter in.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from llmjax.convert.hf_config import ConversionError
 from llmjax.model import Transformer, TransformerConfig, build_model
 
 __all__ = ["ConversionError", "HFModel", "load_hf", "import_hf", "save_hf", "export_hf",
-           "run_config"]
+           "export_adapter", "import_peft", "run_config"]
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -143,10 +145,13 @@ def save_hf(model_config: TransformerConfig, params, out_dir: str | os.PathLike,
 
 
 def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
-              max_shard_bytes: int = files.DEFAULT_SHARD_BYTES) -> list[str]:
-  """Exports checkpoint `step` (default: the latest) of an llmjax run directory with save_hf."""
+              max_shard_bytes: int = files.DEFAULT_SHARD_BYTES, merge: bool = False) -> list[str]:
+  """Exports checkpoint `step` (default: the latest) of an llmjax run directory with save_hf.
+  A LoRA run's adapters are merged into the weights in float32 (`merge=True` insists on it)."""
   import shutil
   from llmjax import runs
+  from llmjax.model import lora as loralib
+  from llmjax.quantize import dequantize_params
   out = Path(out_dir)
   if out.exists() and any(out.glob("*.safetensors")):
     raise ConversionError(f"{out} already holds safetensors weights; choose a new --hf_dir")
@@ -157,12 +162,18 @@ def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
     registered.to_hf(run.model_config, run.tokenizer)
   else:
     hf_config.export_family(run.model_config)
+  spec = loralib.spec_of(run.model)
+  if merge and spec is None:
+    raise ConversionError(f"{workdir} has no LoRA adapters to merge; export it without --merge")
+  params = dequantize_params(run.params)
+  if spec is not None:
+    params = loralib.merge(params, spec, dtype=np.dtype(run.model_config.param_dtype))
   # Written into a fresh directory beside `out`, then moved in: an existing file of the same name
   # (a tokenizer_config.json, ...) is refused by name, never overwritten.
   out.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=".llmjax-export-", dir=out))
   try:
-    written = save_hf(run.model_config, run.params, staging, run.tokenizer, max_shard_bytes)
+    written = save_hf(run.model_config, params, staging, run.tokenizer, max_shard_bytes)
     _refuse_existing(out, written)
     for name in written:
       os.replace(staging / name, out / name)
@@ -176,3 +187,39 @@ def _refuse_existing(out: Path, names) -> None:
     if (out / name).exists():
       raise ConversionError(f"{out / name} already exists and hf_export would overwrite it; "
                             "choose a new or empty --hf_dir")
+
+
+def export_adapter(workdir: str | os.PathLike, out_dir: str | os.PathLike,
+                   step: int | None = None) -> list[str]:
+  """Writes a LoRA run's adapters in PEFT's format (adapter_config.json +
+  adapter_model.safetensors) for the HF export of its base model."""
+  from llmjax import runs
+  from llmjax.convert import peft
+  from llmjax.model import lora as loralib
+  out = Path(out_dir)
+  if (out / peft.WEIGHTS_FILE).exists():
+    raise ConversionError(f"{out} already holds an adapter; choose a new --hf_dir")
+  run = runs.load_run(workdir, step)
+  spec = loralib.spec_of(run.model)
+  if spec is None:
+    raise ConversionError(f"{workdir} was not trained with LoRA (lora.rank=0), so it has no "
+                          "adapter; export its full weights without --adapter")
+  kind = hf_config.export_family(run.model_config)
+  adapter = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), loralib.split(run.params)[0])
+  base = run.config.train.init_from or ""
+  return peft.save_adapter(kind, adapter, spec, run.model_config, out, base_name=base)
+
+
+def import_peft(adapter_dir: str | os.PathLike, base_workdir: str | os.PathLike,
+                workdir: str | os.PathLike):
+  """A new LoRA run in `workdir` whose adapters are the PEFT adapter in `adapter_dir` on top of
+  the llmjax run `base_workdir` (e.g. the hf_import of the adapter's base model). It generates,
+  evaluates and trains further like any LoRA run. Returns its LoraSpec."""
+  from llmjax import adapters, runs
+  from llmjax.convert import peft
+  base = runs.load_run(base_workdir)
+  kind = hf_config.export_family(base.model_config)
+  config_json, tensors = peft.read_adapter(adapter_dir)
+  spec, adapter = peft.peft_to_adapter(kind, config_json, tensors, base.model_config)
+  adapters.create_lora_run(workdir, base, spec, adapter)
+  return spec

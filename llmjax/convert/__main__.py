@@ -1,5 +1,7 @@
 """python -m llmjax.convert hf_import --hf_dir=DIR --workdir=RUN [--param_dtype=bfloat16]
    python -m llmjax.convert hf_export --workdir=RUN --hf_dir=OUT [--step=N] [--max_shard_mb=N]
+                                     [--adapter | --merge]     (LoRA runs)
+   python -m llmjax.convert peft_import --hf_dir=ADAPTER --base=RUN --workdir=NEW
 
 --hf_dir for hf_import may also be a hub id ('org/name'), downloaded when the network allows.
 Problems are reported as one line `llmjax: error: ...` with exit status 2.
@@ -10,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-COMMANDS = ("hf_import", "hf_export")
+COMMANDS = ("hf_import", "hf_export", "peft_import")
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (import: source, or a hub id; "
                     "export: destination).")
 flags.DEFINE_string("workdir", None, "llmjax run directory (import: created; export: read).")
@@ -19,6 +21,11 @@ flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                   "hf_import: dtype of the imported parameters.")
 flags.DEFINE_string("revision", None, "hf_import from the hub: branch, tag or commit.")
 flags.DEFINE_integer("max_shard_mb", 5 * 1024, "hf_export: shard model.safetensors above this size.")
+flags.DEFINE_bool("adapter", False, "hf_export of a LoRA run: only the adapter, in PEFT's format "
+                  "(adapter_config.json + adapter_model.safetensors).")
+flags.DEFINE_bool("merge", False, "hf_export of a LoRA run: full weights with the adapter merged "
+                  "in (the default for LoRA runs; this flag insists on one).")
+flags.DEFINE_string("base", None, "peft_import: the llmjax run of the adapter's base model.")
 FLAGS = flags.FLAGS
 
 
@@ -48,9 +55,22 @@ def main(argv):
       cfg = hf.model_config
       print(f"imported {hf.hf_config.get('model_type')} ({cfg.num_layers} layers, {cfg.embed_dim} "
             f"wide, vocab {cfg.vocab_size}) from {FLAGS.hf_dir} into {FLAGS.workdir}")
+    elif argv[1] == "peft_import":
+      if not FLAGS.base:
+        fail("--base is required for peft_import: the llmjax run (e.g. an hf_import) of the "
+             "adapter's base model")
+      spec = convert.import_peft(FLAGS.hf_dir, FLAGS.base, FLAGS.workdir)
+      print(f"imported a rank-{spec.rank} LoRA adapter on {', '.join(spec.targets)} from "
+            f"{FLAGS.hf_dir} onto {FLAGS.base} into {FLAGS.workdir}")
+    elif FLAGS.adapter:
+      if FLAGS.merge:
+        fail("--adapter and --merge exclude each other: pick one")
+      written = convert.export_adapter(FLAGS.workdir, FLAGS.hf_dir, FLAGS.step)
+      print(f"exported the adapter of {FLAGS.workdir} to {FLAGS.hf_dir}: {', '.join(written)}")
     else:
       written = convert.export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.step,
-                                  max_shard_bytes=FLAGS.max_shard_mb * 1024 * 1024)
+                                  max_shard_bytes=FLAGS.max_shard_mb * 1024 * 1024,
+                                  merge=FLAGS.merge)
       print(f"exported {FLAGS.workdir} to {FLAGS.hf_dir}: {', '.join(written)}")
   except (convert.ConversionError, ConfigError, DataError, CheckpointError,
           FileNotFoundError, WorkdirError) as e:

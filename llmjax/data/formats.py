@@ -304,3 +304,7 @@ def batch_fields(data_config) -> dict[str, Any]:
   elif data_config.packing:
     fields.update(segment_ids=np.int32, positions=np.int32)
   return fields
+
+
+# Formats other modules define (they call register_format on import).
+from llmjax.data import preference  # noqa: E402,F401  (issue 10: {"prompt","chosen","rejected"})

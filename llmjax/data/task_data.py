@@ -321,7 +321,7 @@ def _split_off(examples: list, fraction: float, seed: int):
 
 
 def load_task_dataset(data_config, seed: int, tokenizer=None, classification: bool = False,
-                      labels: dict | None = None) -> TaskDataset:
+                      labels: dict | None = None, preference: bool = False) -> TaskDataset:
   """Reads data.path (and data.val_path, or splits off data.val_fraction), builds the tokenizer if
   none is given (from the examples' text), and encodes everything up front."""
   train_set = fm.read_examples(data_config.path, data_config.format)
@@ -336,6 +336,12 @@ def load_task_dataset(data_config, seed: int, tokenizer=None, classification: bo
   if tokenizer is None:
     from llmjax.data.tokenizers import build_tokenizer
     tokenizer = build_tokenizer(data_config, corpus_text=_corpus_text(train_ex + val_ex))
+  if preference:  # issue 10: DPO pairs (llmjax/data/preference.py)
+    from llmjax.data import preference as preflib
+    if train_set.format != "preference":
+      raise DataError(f"{data_config.path}: train.objective=dpo needs {{\"prompt\", \"chosen\", "
+                      f"\"rejected\"}} examples, got {train_set.format}")
+    return preflib.build(train_ex, val_ex, tokenizer, data_config, seed)
   if classification:
     if train_set.format != "classification":
       raise DataError(f"{data_config.path}: train.objective=classification needs "

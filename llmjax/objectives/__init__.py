@@ -46,6 +46,8 @@ from llmjax.objectives.masked_lm import MaskedLM  # noqa: E402
 register("causal_lm")(CausalLM)
 register("masked_lm")(MaskedLM)
 register("classification")(Classification)
+from llmjax.objectives.dpo import DPO  # noqa: E402  (issue 10)
+register("dpo")(DPO)
 
-__all__ = ["Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
+__all__ = ["DPO", "Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
            "CausalLM", "MaskedLM", "Classification"]

@@ -1,0 +1,227 @@
+"""LoRA / QLoRA against full fine-tuning: memory, step time, and quality on the addition task.
+
+Memory (exact, from the programs' state layouts): trainable parameters, optimizer-state bytes,
+frozen-base bytes in float32 and int8 (QLoRA), bytes per parameter.
+Step time: the compiled train steps of full fine-tuning, LoRA and QLoRA on the same batch,
+interleaved, --repeats rounds of --steps steps each; min / median / max ms per step.
+Quality (--quality): issue 9's addition task (three-digit sums, held-out exact match of greedy
+completions, as `python -m llmjax.evaluate` computes it): pretrain a small base, then fine-tune it
+with the same budget fully, with LoRA, and with QLoRA.
+
+  PYTHONPATH=$PWD python benchmarks/lora.py --out=benchmarks/lora.json [--quality]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def addition_sets(seed: int, n_train: int, n_val: int, n_test: int):
+  """Disjoint sets of distinct (a, b) pairs of three-digit numbers (as issue 9's benchmark)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  picks = rng.choice(900 * 900, size=n_train + n_val + n_test, replace=False)
+  pairs = [(100 + int(p) // 900, 100 + int(p) % 900) for p in picks]
+  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ps]  # noqa
+  return (make(pairs[:n_train]), make(pairs[n_train:n_train + n_val]),
+          make(pairs[n_train + n_val:]))
+
+
+def base_config(steps: int, width: int, layers: int):
+  from llmjax.config import default_config
+  c = default_config()
+  c.model.update(num_layers=layers, num_heads=4, embed_dim=width, max_seq_len=64,
+                 position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False)
+  c.data.update(tokenizer="sentencepiece", sp_vocab_size=512, sp_split_digits=True, seq_len=64,
+                batch_size=16)
+  c.optim.update(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1)
+  c.train.update(steps=steps, eval_every=0, eval_batches=4, log_every=50, checkpoint_every=0,
+                 sample_tokens=0, progress=False, tensorboard=False, grad_accum_steps=1)
+  return c
+
+
+def finetune_config(base: str, train: str, val: str, steps: int, lr: float, lora: dict | None):
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import finetune
+  c = finetune.get_config(base)
+  c.data.update(path=train, val_path=val, batch_size=32)
+  c.optim.update(lr=lr, warmup_steps=30)
+  c.train.update(epochs=0, steps=steps, eval_every=0, keep_best="", log_every=100,
+                 progress=False, tensorboard=False)
+  if lora:
+    c.lora.update(**lora)
+  return c
+
+
+VARIANTS = {
+    "full": None,
+    "lora_r8": dict(rank=8, alpha=16.0, targets="all"),
+    "qlora_r8": dict(rank=8, alpha=16.0, targets="all", base_dtype="int8"),
+}
+LRS = {"full": 1e-3, "lora_r8": 3e-3, "qlora_r8": 3e-3}
+
+
+def memory(programs) -> dict:
+  import jax
+  import numpy as np
+
+  from llmjax import quantize
+  from llmjax.model import lora as loralib
+  out = {}
+  for name, prog in programs.items():
+    params = prog.abstract_state.params
+    adapter, base = loralib.split(params)
+    is_q = lambda x: isinstance(x, quantize.QArray)  # noqa: E731
+    leaves = jax.tree.leaves(base, is_leaf=is_q)
+    count = lambda xs: sum(int(np.prod(x.shape)) for x in xs)  # noqa: E731
+    nbytes = lambda xs: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize  # noqa: E731
+                            for x in jax.tree.leaves(xs))
+    trainable = count(jax.tree.leaves(adapter)) if prog.lora else count(leaves)
+    total = count(leaves) + count(jax.tree.leaves(adapter))
+    matrices = [x for p, x in jax.tree_util.tree_flatten_with_path(base, is_leaf=is_q)[0]
+                if "kernel" in str(p) or "embedding" in str(p)]
+    out[name] = {"params": total, "trainable": trainable, "trainable_fraction": trainable / total,
+                 "optimizer_bytes": nbytes(prog.abstract_state.opt_state),
+                 "base_bytes": nbytes(base), "adapter_bytes": nbytes(adapter),
+                 "base_bytes_per_param": nbytes(base) / max(count(leaves), 1),
+                 "matrix_bytes": nbytes(matrices),
+                 "matrix_bytes_per_param": nbytes(matrices) / max(count(
+                     [x.values if is_q(x) else x for x in matrices]), 1)}
+  full = out["full"]
+  for name, m in out.items():
+    m["optimizer_vs_full"] = m["optimizer_bytes"] / full["optimizer_bytes"]
+    m["base_vs_fp32"] = m["base_bytes"] / full["base_bytes"]
+    m["matrices_vs_fp32"] = m["matrix_bytes"] / full["matrix_bytes"]
+  return out
+
+
+def step_times(programs, base_params, steps: int, repeats: int) -> dict:
+  """ms per compiled train step, interleaving the variants round by round."""
+  import jax
+  import numpy as np
+
+  from llmjax import quantize
+  compiled, states = {}, {}
+  rng = np.random.default_rng(0)
+  some = next(iter(programs.values()))
+  shape = (some.config.data.batch_size, some.config.data.seq_len)
+  tokens = rng.integers(0, 500, (shape[0], shape[1] + 1)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
+           "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
+  for name, prog in programs.items():
+    fields = prog.abstract_batch()
+    b = jax.device_put({k: batch[k] for k in fields}, prog.batch_sharding)
+    states[name] = prog.state_from_params(quantize.dequantize_params(base_params))
+    with prog.scope():
+      compiled[name] = (prog.train_step.lower(prog.abstract_state, prog.abstract_batch()).compile(), b)
+  times = {name: [] for name in programs}
+  for _ in range(repeats):
+    for name, prog in programs.items():
+      step, b = compiled[name]
+      state = states[name]
+      state, m = step(state, b)  # warm
+      jax.block_until_ready(m)
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = step(state, b)
+      jax.block_until_ready((state, m))
+      times[name].append((time.perf_counter() - t0) / steps * 1e3)
+      states[name] = state
+  return {n: {"min_ms": min(t), "median_ms": statistics.median(t), "max_ms": max(t),
+              "runs_ms": t} for n, t in times.items()}
+
+
+def exact_match(workdir: str, test: str) -> float:
+  from llmjax.eval.runner import evaluate_file
+  from llmjax.eval.tasks import Options
+  summary, _ = evaluate_file(workdir, test, options=Options(max_new_tokens=8), batch_size=64)
+  return summary["exact_match"]
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--width", type=int, default=128)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--pretrain_steps", type=int, default=300)
+  p.add_argument("--finetune_steps", type=int, default=1500)
+  p.add_argument("--train_examples", type=int, default=20000)
+  p.add_argument("--test_examples", type=int, default=500)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+  p.add_argument("--repeats", type=int, default=5, help="timing rounds")
+  p.add_argument("--quality", action="store_true", help="also fine-tune and measure exact match")
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--workdir", default="")
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  import jax
+
+  from llmjax import config as cfglib
+  from llmjax import loop, program, runs
+  from llmjax import sharding as shd
+  tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_lora_"))
+  tmp.mkdir(parents=True, exist_ok=True)
+  train, val, test = addition_sets(0, args.train_examples, 200, args.test_examples)
+  paths = {}
+  for k, v in (("train", train), ("val", val), ("test", test)):
+    paths[k] = str(tmp / f"{k}.jsonl")
+    Path(paths[k]).write_text("".join(json.dumps(r) + "\n" for r in v))
+  result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
+            "args": vars(args)}
+  base = str(tmp / "base")
+  if not (Path(base) / "checkpoints").exists():
+    t0 = time.perf_counter()
+    loop.train(base_config(args.pretrain_steps, args.width, args.layers), base)
+    result["pretrain_s"] = time.perf_counter() - t0
+  variants = args.variants.split(",")
+  loaded = runs.load_run(base)
+  programs = {}
+  for name in variants:
+    c = finetune_config(base, paths["train"], paths["val"], args.finetune_steps, LRS[name],
+                        VARIANTS[name])
+    c.data.packing = False  # fixed rows for timing
+    programs[name] = program.build(c, shd.make_mesh(c), cfglib.model_config(
+        c, loaded.tokenizer.vocab_size))
+  result["memory"] = memory(programs)
+  for name, m in result["memory"].items():
+    print(f"{name:9s} trainable {m['trainable']:>9,} ({m['trainable_fraction']:.2%}); optimizer "
+          f"{m['optimizer_bytes'] / 1024:,.1f} KiB ({m['optimizer_vs_full']:.2%} of full); base "
+          f"{m['base_bytes'] / 1024:,.1f} KiB ({m['base_vs_fp32']:.1%} of fp32; matrices "
+          f"{m['matrix_bytes_per_param']:.2f} B/param, {m['matrices_vs_fp32']:.1%})", flush=True)
+  result["step_time"] = step_times(programs, loaded.params, args.steps, args.repeats)
+  for name, t in result["step_time"].items():
+    print(f"{name:9s} step {t['min_ms']:.1f} / {t['median_ms']:.1f} / {t['max_ms']:.1f} ms "
+          "(min / median / max)", flush=True)
+  if args.quality:
+    result["base_exact_match"] = exact_match(base, paths["test"])
+    print(f"base model: exact match {result['base_exact_match']:.3f}", flush=True)
+    for name in variants:
+      work = str(tmp / f"ft_{name}")
+      t0 = time.perf_counter()
+      if not (Path(work) / "checkpoints").exists():
+        loop.train(finetune_config(base, paths["train"], paths["val"], args.finetune_steps,
+                                   LRS[name], VARIANTS[name]), work)
+      em = exact_match(work, paths["test"])
+      result.setdefault("quality", {})[name] = {"exact_match": em,
+                                                "finetune_s": time.perf_counter() - t0}
+      print(f"{name:9s} exact match {em:.3f} after {args.finetune_steps} steps", flush=True)
+  print(json.dumps(result, indent=2))
+  if args.out:
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  main()
