@@ -120,10 +120,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "model.position": ("learned", "rotary", "none"),
+    "model.position": ("learned", "rotary", "none", "sinusoidal", "relative"),
+    "model.family": ("decoder", "encoder_decoder"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.rope_scaling": ("none", "linear", "llama3"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "swiglu", "relu", "geglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.logits_dtype": ("float32", "bfloat16"),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from llmjax import config as cfglib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
-from llmjax.model import Transformer, TransformerConfig
+from llmjax.model import Transformer, TransformerConfig, build_model
 from llmjax.optim import make_optimizer
 
 
@@ -69,7 +69,7 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
   Nothing is compiled or allocated here: the state layout comes from `jax.eval_shape`, and the
   steps compile on their first call (or through `.lower(...).compile()`)."""
   t = config.train
-  model = Transformer(model_config)
+  model = build_model(model_config)
   optimizer, schedule = make_optimizer(config.optim, t.steps)
   rules = shd.logical_rules(config)
   micro_batch = config.data.batch_size // t.grad_accum_steps

@@ -20,7 +20,7 @@ class TransformerConfig:
   head_dim: int = 0            # 0 -> embed_dim // num_heads
   mlp_dim: int = 0             # 0 -> 4 * embed_dim
   max_seq_len: int = 256
-  position: str = "learned"    # 'learned' | 'rotary' | 'none'
+  position: str = "learned"    # 'learned' | 'rotary' | 'none' | 'sinusoidal' | 'relative' (T5 bias)
   rope_theta: float = 10000.0
   # RoPE frequency scaling for long context (as in Hugging Face's rope_scaling / rope_parameters):
   # 'none'; 'linear' (every frequency / factor); 'llama3' (Llama 3.1: low frequencies / factor,
@@ -32,7 +32,7 @@ class TransformerConfig:
   rope_original_max_len: int = 8192
   norm: str = "layernorm"      # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
-  mlp: str = "gelu"            # 'gelu' | 'swiglu'
+  mlp: str = "gelu"            # 'gelu' | 'swiglu' | 'relu' (T5 v1.0) | 'geglu' (T5 v1.1 gated GELU)
   gelu_approximate: bool = True  # tanh GELU (GPT-2's "gelu_new"); False: exact erf GELU (nanoGPT)
   use_bias: bool = True
   tie_embeddings: bool = True
@@ -45,6 +45,19 @@ class TransformerConfig:
   attention_impl: str = "auto" # 'auto' | 'xla' | 'cudnn'
   init_std: float = 0.02
   logits_dtype: str = "float32"
+  # -- encoder-decoder models (issue 11; family 'encoder_decoder', llmjax.model.encoder_decoder) --
+  family: str = "decoder"      # 'decoder' | 'encoder_decoder' (llmjax.model.build_model)
+  encoder_layers: int = 0      # encoder depth of an encoder-decoder (0 -> num_layers)
+  share_embeddings: bool = True  # encoder and decoder read one token table (T5's `shared`)
+  relative_buckets: int = 32   # position='relative': T5 relative-position buckets per direction pair
+  relative_max_distance: int = 128  # distances beyond this share the last bucket
+  scale_attention: bool = True  # False: scores are q.k without 1/sqrt(head_dim) (T5 folds it in init)
+  scale_decoder_outputs: bool = False  # hidden * embed_dim**-0.5 before the head (T5 v1.0, tied)
+  decoder_start_id: int = 0    # the token the decoder starts from (T5: pad = 0)
+
+  @property
+  def num_encoder_layers(self) -> int:
+    return self.encoder_layers or self.num_layers
 
   @property
   def kv_heads(self) -> int:
