@@ -39,6 +39,12 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=12,         # global batch, in sequences, per optimizer step
       packing=False,         # segment ids from end-of-document tokens (tokenizers with an EOS)
   ))
+  # -- issue 9: task data (JSON Lines / Parquet / HF datasets dirs; llmjax/data/formats.py) --
+  c.data.format = "auto"        # 'auto' (from each file's keys) or one of formats.FORMATS
+  c.data.train_on = "completion"  # loss weights: 'completion' (every assistant turn + its EOS),
+                                  # 'all' tokens, or 'last_turn' (the last assistant turn only)
+  c.data.truncate = "right"     # over-long examples: cut 'left' / 'right', 'drop' them, or
+                                # 'none' (fail at start naming the first one)
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -58,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
       steps=2000,
       seed=0,
       grad_accum_steps=1,     # micro-batches per optimizer step
-      objective="causal_lm",  # 'causal_lm' | 'masked_lm' (needs model.causal=False)
+      objective="causal_lm",  # a name in llmjax.objectives (causal_lm, masked_lm needs
+                              # model.causal=False, ...)
       mlm_probability=0.15,
       log_every=50,
       eval_every=250,         # 0 disables periodic eval (a final eval still runs)
@@ -68,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
       keep_checkpoint_period=0,  # ... plus every step that is a multiple of M (0 -> none)
       async_checkpointing=True,  # write checkpoints in the background while training goes on
       init_from="",           # '<workdir>[:step]': start a new run from another run's weights
+      epochs=0,               # issue 9: > 0 -> train.steps = epochs * steps per epoch (task data)
+      keep_best="",           # issue 9: e.g. 'val/loss', 'val/accuracy': keep the best checkpoint
       z_loss=0.0,             # coefficient of the auxiliary log(Z)^2 loss (PaLM uses 1e-4)
       nonfinite_policy="halt",   # NaN/Inf loss or grads: the update is always skipped; 'skip'
       nonfinite_halt_after=1,    #   counts and goes on, 'halt' stops after N consecutive bad steps
@@ -121,7 +130,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 CHOICES = {
     "model.position": ("learned", "rotary", "none", "sinusoidal", "relative"),
-    "model.family": ("decoder", "encoder_decoder"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("gelu", "swiglu", "relu", "geglu"),
@@ -133,10 +141,20 @@ CHOICES = {
     "data.tokenizer": ("char", "byte", "sentencepiece", "hf"),
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "train.objective": ("causal_lm", "masked_lm"),
     "mesh.distributed.initialize": ("auto", "on", "off"),
     "train.nonfinite_policy": ("skip", "halt"),
 }
+
+
+def registry_choices() -> dict[str, tuple[str, ...]]:
+  """Choices that plug-in registries define (read at validation time, so objectives, model
+  families and example formats registered by other modules are accepted)."""
+  from llmjax import objectives
+  from llmjax.data import formats
+  from llmjax.model import FAMILIES
+  return {"train.objective": objectives.names(), "model.family": tuple(FAMILIES),
+          "data.format": ("auto",) + tuple(formats.FORMATS),
+          "data.train_on": formats.TRAIN_ON, "data.truncate": formats.TRUNCATE}
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -182,7 +200,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   """Checks everything that can be checked before touching data or devices. Raises ConfigError."""
   _check_schema(config)
   flat = flatten(config)
-  for name, options in CHOICES.items():
+  for name, options in {**CHOICES, **registry_choices()}.items():
     _need(flat[name] in options, f"{name}={flat[name]!r} is not one of {', '.join(options)}")
   m, d, t, o = config.model, config.data, config.train, config.optim
   for name in ("model.num_layers", "model.num_heads", "model.embed_dim", "model.max_seq_len",
@@ -219,6 +237,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "--config.train.grad_accum_steps to a divisor of it (1: no accumulation)")
   _need(t.objective != "masked_lm" or not m.causal,
         "train.objective='masked_lm' needs a bidirectional model: set --config.model.causal=False")
+  _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
+  _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
   _validate_checkpointing(t)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")

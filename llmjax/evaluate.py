@@ -27,17 +27,24 @@ def bytes_per_token(tokenizer, val_tokens) -> float:
 
 
 def evaluate_params(eval_step, params, batch_fn, num_batches: int, tokenizer,
-                    bytes_per_tok: float) -> dict:
-  """Token-weighted mean loss over `num_batches` validation batches (summed in float64 on the
-  host, so the result does not depend on how batches were split across devices)."""
-  total, count = 0.0, 0.0
+                    bytes_per_tok: float, objective=None) -> dict:
+  """Metrics over `num_batches` validation batches: each batch's eval_sums are summed in float64
+  on the host (so the result does not depend on how batches were split across devices) and
+  `objective.finalize` (default: causal LM's loss/perplexity) turns the totals into metrics.
+  Token-level LM objectives also get bits per character (char tokenizers) or byte."""
+  totals: dict[str, float] = {}
   for i in range(num_batches):
-    loss_sum, n = jax.device_get(eval_step(params, batch_fn(i), i))
-    total, count = total + float(loss_sum), count + float(n)
-  loss = total / max(count, 1.0)
-  unit = "bpc" if tokenizer.kind == "char" else "bpb"
-  return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-          unit: loss / (math.log(2) * bytes_per_tok)}
+    sums = jax.device_get(eval_step(params, batch_fn(i), i))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if objective is None:
+    from llmjax.objectives.causal_lm import CausalLM
+    objective = CausalLM(None, None)
+  result = dict(objective.finalize(totals))
+  if objective.reports_bits_per_byte and "loss" in result:
+    unit = "bpc" if tokenizer.kind == "char" else "bpb"
+    result[unit] = result["loss"] / (math.log(2) * bytes_per_tok)
+  return result
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) -> dict:
@@ -64,15 +71,15 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
   loaded = runs.load_run(workdir, step, mesh=mesh)
   dataset = load_dataset(loaded.config.data, loaded.config.train.seed, loaded.tokenizer)
   t = loaded.config.train
-  eval_step = jax.jit(trainlib.make_eval_step(loaded.model, objective=t.objective,
-                                              mlm_probability=t.mlm_probability, seed=t.seed))
+  eval_step = jax.jit(trainlib.make_eval_step(loaded.model, loaded.objective, seed=t.seed))
   batch_fn = lambda i: shd.put_batch(
       dataset.batch("val", i, loaded.config.data.batch_size, jax.process_index(),
                     jax.process_count()), mesh)
   import flax.linen as nn
   with shd.use_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
     result = evaluate_params(eval_step, loaded.params, batch_fn, config.train.eval_batches,
-                             loaded.tokenizer, bytes_per_token(loaded.tokenizer, dataset.val))
+                             loaded.tokenizer, bytes_per_token(loaded.tokenizer, dataset.val),
+                             loaded.objective)
   result = {"step": loaded.step, **result}
   if jax.process_index() == 0:
     out = Path(workdir) / "eval" / f"step_{loaded.step}.json"

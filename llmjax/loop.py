@@ -153,7 +153,8 @@ class Run:
     with self.program.scope():
       return evallib.evaluate_params(
           self.eval_step, params, lambda i: self.batch("val", i),
-          num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token)
+          num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token,
+          self.program.objective)
 
 
 def parse_init_from(spec: str):

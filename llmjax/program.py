@@ -12,12 +12,14 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+import optax
 
 from llmjax import config as cfglib
+from llmjax import objectives as objlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
-from llmjax.model import Transformer, TransformerConfig, build_model
+from llmjax.model import TransformerConfig, build_model
 from llmjax.optim import make_optimizer
 
 
@@ -27,14 +29,15 @@ class Program:
   mesh: jax.sharding.Mesh
   rules: tuple                 # logical axis name -> mesh axes
   model_config: TransformerConfig
-  model: Transformer
+  model: Any                   # the linen module llmjax.model.build_model made
+  objective: objlib.Objective  # what the steps optimize/evaluate (train.objective)
   optimizer: Any
   schedule: Callable
   state_shardings: Any         # a TrainState of NamedShardings
   abstract_state: Any          # a TrainState of ShapeDtypeStructs that carry those shardings
-  batch_sharding: Any
+  batch_sharding: Any          # {name: NamedSharding} for every array of objective.batch_spec
   train_step: Callable         # jitted (state, batch) -> (state, metrics); donates the state
-  eval_step: Callable          # jitted (params, batch, index) -> (summed loss, token count)
+  eval_step: Callable          # jitted (params, batch, index) -> objective.eval_sums (sums)
   init_fn: Callable            # rng -> boxed TrainState (see `init` for the sharded one)
 
   @contextlib.contextmanager
@@ -57,10 +60,11 @@ class Program:
       return fresh(params)
 
   def abstract_batch(self) -> dict:
-    """The global batch's shapes and sharding, for compiling ahead of time."""
-    shape = (self.config.data.batch_size, self.config.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-            for k in ("inputs", "targets")}
+    """The global batch's shapes, dtypes and sharding (objective.batch_spec), for compiling
+    ahead of time."""
+    spec = self.objective.batch_spec(self.config)
+    return {k: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=self.batch_sharding[k])
+            for k, f in spec.items()}
 
 
 def build(config, mesh, model_config: TransformerConfig) -> Program:
@@ -70,28 +74,43 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
   steps compile on their first call (or through `.lower(...).compile()`)."""
   t = config.train
   model = build_model(model_config)
-  optimizer, schedule = make_optimizer(config.optim, t.steps)
+  objective = objlib.build(config, model_config)
   rules = shd.logical_rules(config)
   micro_batch = config.data.batch_size // t.grad_accum_steps
-  init_fn, boxed = trainlib.abstract_state(model, optimizer, (micro_batch, config.data.seq_len))
+  init_inputs = objective.init_inputs((micro_batch, config.data.seq_len))
+  optimizer, schedule = make_optimizer(config.optim, t.steps)
+  trainable = _trainable_mask(model, objective, init_inputs)
+  if trainable is not None:
+    # frozen leaves: no optimizer state (masked out of the inner optimizer) and a zero update
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable)
+    optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+  init_fn, boxed = trainlib.abstract_state(model, optimizer, init_inputs)
   state_shardings = trainlib.state_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nn.meta.unbox(boxed), state_shardings)
-  batch_sharding = shd.batch_sharding(mesh)
+  batch_sharding = {k: shd.batch_sharding(mesh, len(f.shape))
+                    for k, f in objective.batch_spec(config).items()}
   replicated = shd.replicated(mesh)
   train_step = trainlib.make_train_step(
-      model, optimizer, schedule, seed=t.seed, grad_accum_steps=t.grad_accum_steps,
-      objective=t.objective, mlm_probability=t.mlm_probability, z_loss=t.z_loss,
+      model, optimizer, schedule, objective, seed=t.seed, grad_accum_steps=t.grad_accum_steps,
       nonfinite_policy=t.nonfinite_policy, nonfinite_halt_after=t.nonfinite_halt_after,
-      inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads))
-  eval_step = trainlib.make_eval_step(model, objective=t.objective,
-                                      mlm_probability=t.mlm_probability, seed=t.seed)
+      inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads), trainable=trainable)
+  eval_step = trainlib.make_eval_step(model, objective, seed=t.seed)
   return Program(
       config=config, mesh=mesh, rules=rules, model_config=model_config, model=model,
-      optimizer=optimizer, schedule=schedule, state_shardings=state_shardings,
-      abstract_state=abstract_state, batch_sharding=batch_sharding,
+      objective=objective, optimizer=optimizer, schedule=schedule,
+      state_shardings=state_shardings, abstract_state=abstract_state,
+      batch_sharding=batch_sharding,
       train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding, None),
-                        out_shardings=(replicated, replicated)),
+                        out_shardings=replicated),
       init_fn=init_fn)
+
+
+def _trainable_mask(model, objective, init_inputs):
+  """objective.trainable over the (abstract) params, or None when everything trains."""
+  shapes = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, **init_inputs)["params"]),
+                          jax.random.key(0))
+  mask = objective.trainable(shapes)
+  return None if objlib.all_trainable(mask) else mask

@@ -17,7 +17,7 @@ from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax.data import load_tokenizer
-from llmjax.model import Transformer, TransformerConfig
+from llmjax.model import Transformer, TransformerConfig  # noqa: F401 (LoadedRun.model's type)
 from llmjax.optim import make_optimizer
 
 CONFIG_FILE = "config.json"
@@ -32,6 +32,7 @@ class LoadedRun:
   tokenizer: object
   step: int
   mesh: object
+  objective: object = None       # the run's llmjax.objectives.Objective (train.objective)
 
 
 def read_config(workdir: str | Path):
@@ -65,7 +66,8 @@ def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedR
   finally:
     checkpointer.close()
   return LoadedRun(config=config, model_config=model_config, model=program.model,
-                   params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh)
+                   params=state.params, tokenizer=load_tokenizer(workdir), step=int(step), mesh=mesh,
+                   objective=program.objective)
 
 
 def _default_mesh(config):

@@ -38,50 +38,35 @@ class NonFiniteError(RuntimeError):
   """Training stopped by the non-finite guard (train.nonfinite_policy='halt')."""
 
 
-def token_loss(logits, targets, weights):
-  """Mean cross-entropy over weighted tokens, in float32, plus the weight total."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  total = jnp.sum(weights)
-  return jnp.sum(losses * weights) / jnp.maximum(total, 1.0), total
+# The loss building blocks live with the objectives; re-exported for existing callers.
+from llmjax.objectives.losses import mask_tokens, token_loss, z_loss_term  # noqa: E402,F401
 
 
-def mask_tokens(rng, inputs, mask_id: int, probability: float):
-  """Masked-LM corruption: each token is replaced by [MASK] with `probability`; the loss is taken
-  only at masked positions."""
-  masked = jax.random.bernoulli(rng, probability, inputs.shape)
-  return jnp.where(masked, mask_id, inputs), masked.astype(jnp.float32)
+def default_objective(model, z_loss: float = 0.0):
+  """Plain causal LM (with optional z-loss) for callers that build steps without a config."""
+  from llmjax.objectives.causal_lm import CausalLM
+  objective = CausalLM(None, model.cfg)
+  objective.z_loss = float(z_loss)
+  return objective
 
 
-def _model_inputs(batch):
-  return dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+def make_loss_fn(model: nn.Module, objective=None, z_loss: float = 0.0):
+  """(params, batch, rng, deterministic) -> (loss to differentiate, (reported loss, weight)) for
+  `objective` (default: causal LM with `z_loss`). Kept for tests and benchmarks that time the
+  forward/backward alone; the steps below call the objective directly."""
+  objective = objective if objective is not None else default_objective(model, z_loss)
 
-
-def z_loss_term(logits, weights):
-  """PaLM's auxiliary loss mean(log(Z)^2): keeps the softmax normalizer near 1 so bf16/large-vocab
-  logits do not drift (and overflow)."""
-  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.square(log_z) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def make_loss_fn(model: nn.Module, objective: str = "causal_lm", mlm_probability: float = 0.15,
-                 z_loss: float = 0.0):
-  """(params, batch, rng, deterministic) -> (loss to differentiate, (cross-entropy, token count)).
-  With `z_loss` > 0 the differentiated loss adds z_loss * mean(log Z^2); the reported
-  cross-entropy never includes it, so losses stay comparable across runs."""
   def loss_fn(params, batch, rng, deterministic: bool):
-    inputs, targets = batch["inputs"], batch["targets"]
-    weights = jnp.ones(targets.shape, jnp.float32)
-    if objective == "masked_lm":
-      rng, mask_rng = jax.random.split(rng)
-      targets = inputs
-      inputs, weights = mask_tokens(mask_rng, inputs, model.cfg.vocab_size - 1, mlm_probability)
-    logits = model.apply({"params": params}, inputs, deterministic=deterministic,
-                         rngs={"dropout": rng}, **_model_inputs(batch))
-    loss, count = token_loss(logits, targets, weights)
-    if z_loss:
-      return loss + z_loss * z_loss_term(logits, weights), (loss, count)
-    return loss, (loss, count)
+    loss, aux = objective.loss(model, params, batch, rng, deterministic)
+    return loss, (aux["loss"], aux["weight"])
   return loss_fn
+
+
+def _freeze(params, trainable):
+  """stop_gradient on frozen leaves: their gradient is a constant zero, so XLA drops the work."""
+  if trainable is None:
+    return params
+  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, trainable)
 
 
 def poison_gradients(grads, step, steps: tuple[int, ...]):
@@ -111,66 +96,80 @@ def guarded_update(state, grads, loss, params, opt_state, policy: str, halt_afte
                     nonfinite_streak=(state.nonfinite_streak + bad) * bad), finite
 
 
-def make_train_step(model, optimizer, schedule, *, seed: int, grad_accum_steps: int = 1,
-                    objective: str = "causal_lm", mlm_probability: float = 0.15,
-                    z_loss: float = 0.0, nonfinite_policy: str = "halt",
-                    nonfinite_halt_after: int = 1, inject_nan_grads: tuple[int, ...] = ()) -> Callable:
-  """state, batch -> (state, metrics). With accumulation the batch's leading axis is split into
-  `grad_accum_steps` micro-batches whose gradients are averaged (a scan keeps memory flat).
-  Non-finite steps are handled by `guarded_update`."""
-  loss_fn = make_loss_fn(model, objective, mlm_probability, z_loss)
+def make_train_step(model, optimizer, schedule, objective=None, *, seed: int,
+                    grad_accum_steps: int = 1, nonfinite_policy: str = "halt",
+                    nonfinite_halt_after: int = 1, inject_nan_grads: tuple[int, ...] = (),
+                    trainable=None) -> Callable:
+  """state, batch -> (state, metrics) for `objective` (an llmjax.objectives.Objective; default
+  plain causal LM). With accumulation the batch's leading axis is split into `grad_accum_steps`
+  micro-batches whose gradients (and reported losses) are averaged (a scan keeps memory flat).
+  `trainable`: a pytree of bools (objective.trainable) or None for all; frozen leaves get zero
+  gradient. Non-finite steps are handled by `guarded_update`. Metrics: loss, grad_norm, lr, the
+  guard's counters, and every extra aux entry of the objective (not aux["weight"])."""
+  objective = objective if objective is not None else default_objective(model)
+
+  def loss_fn(params, batch, rng):
+    return objective.loss(model, _freeze(params, trainable), batch, rng, False)
+
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if grad_accum_steps == 1:
-      (_, (loss, _)), grads = grad_fn(state.params, batch, rng, False)
+      (_, aux), grads = grad_fn(state.params, batch, rng)
     else:
       micro = jax.tree.map(
           lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
 
       def accumulate(carry, xs):
-        grads_sum, loss_sum = carry
+        grads_sum, aux_sum = carry
         i, mb = xs
-        (_, (loss, _)), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), False)
-        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
+        (_, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, aux_sum, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, loss), _ = jax.lax.scan(
-          accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum_steps), micro))
+      _, aux_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)[0]
+      aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+      (grads, aux), _ = jax.lax.scan(
+          accumulate, (zeros, aux_zeros), (jnp.arange(grad_accum_steps), micro))
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-      loss = loss / grad_accum_steps
+      aux = {k: v if k == "weight" else v / grad_accum_steps for k, v in aux.items()}
+    loss = aux["loss"]
     grads = poison_gradients(grads, state.step, tuple(inject_nan_grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state, _ = guarded_update(state, grads, loss, params, opt_state, nonfinite_policy,
                                   nonfinite_halt_after)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-               "nonfinite_skipped": new_state.nonfinite_skipped,
-               "nonfinite_streak": new_state.nonfinite_streak}
+    metrics = {k: v for k, v in aux.items() if k != "weight"}
+    metrics.update({"loss": loss, "grad_norm": optax.global_norm(grads),
+                    "lr": schedule(state.step),
+                    "nonfinite_skipped": new_state.nonfinite_skipped,
+                    "nonfinite_streak": new_state.nonfinite_streak})
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model, *, objective: str = "causal_lm", mlm_probability: float = 0.15,
-                   seed: int = 0) -> Callable:
-  """params, batch, index -> (summed loss, token count), so batches of any size average exactly."""
-  loss_fn = make_loss_fn(model, objective, mlm_probability)
+def make_eval_step(model, objective=None, *, seed: int = 0) -> Callable:
+  """params, batch, index -> the objective's eval_sums (a dict of SUMS over the batch), so
+  batches of any size average exactly (`objective.finalize` on the host)."""
+  objective = objective if objective is not None else default_objective(model)
 
   def eval_step(params, batch, index):
     rng = jax.random.fold_in(jax.random.key(seed + 1), index)
-    _, (loss, count) = loss_fn(params, batch, rng, True)
-    return loss * count, count
+    return objective.eval_sums(model, params, batch, rng)
 
   return eval_step
 
 
-def abstract_state(model, optimizer, example_batch_shape):
-  """Shapes, dtypes and logical partitioning of the train state, with no FLOPs and no memory."""
+def abstract_state(model, optimizer, init_inputs):
+  """Shapes, dtypes and logical partitioning of the train state, with no FLOPs and no memory.
+  init_inputs: the objective's `init_inputs(...)` kwargs (or an int32 token batch shape)."""
+  if not isinstance(init_inputs, dict):
+    init_inputs = {"tokens": jnp.zeros(tuple(init_inputs), jnp.int32)}
+
   def init(rng):
-    tokens = jnp.zeros(example_batch_shape, jnp.int32)
-    params = model.init(rng, tokens)["params"]
+    params = model.init(rng, **init_inputs)["params"]
     return TrainState.create(0, params, optimizer.init(params))
   return init, jax.eval_shape(init, jax.random.key(0))
 
@@ -180,10 +179,10 @@ def state_shardings(abstract, mesh, rules):
   return shd.tree_shardings(abstract, mesh, rules)
 
 
-def init_state(model, optimizer, mesh, rules, seed: int, example_batch_shape):
+def init_state(model, optimizer, mesh, rules, seed: int, init_inputs):
   """Initializes the train state directly into its shardings: no device ever holds a full
   unsharded copy of the parameters. Returns (state with plain arrays, shardings)."""
-  init, abstract = abstract_state(model, optimizer, example_batch_shape)
+  init, abstract = abstract_state(model, optimizer, init_inputs)
   shardings = state_shardings(abstract, mesh, rules)
   with shd.use_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))

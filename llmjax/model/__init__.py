@@ -1,19 +1,21 @@
-"""Flax linen Transformer models. Nothing here knows about training, data, meshes or files."""
+"""Flax linen Transformer models. Nothing here knows about training, data, meshes or files.
+
+`build_model(cfg)` is the one place a model is constructed from a TransformerConfig: it picks the
+module by `cfg.family` from FAMILIES (issue 11 adds "encoder" and "encoder_decoder" entries).
+"""
 from llmjax.model.config import TransformerConfig, num_params
 from llmjax.model.encoder_decoder import EncoderDecoder
-from llmjax.model.transformer import REMAT_POLICIES, Transformer, unstack_layers
+from llmjax.model.transformer import REMAT_POLICIES, Transformer, pool_hidden, unstack_layers
 
-# Model families by TransformerConfig.family; a new family is one entry here.
+# model family -> linen module class taking the TransformerConfig as its only field
 FAMILIES = {"decoder": Transformer, "encoder_decoder": EncoderDecoder}
 
 
 def build_model(cfg: TransformerConfig):
-  """The linen module of cfg.family."""
   if cfg.family not in FAMILIES:
-    raise ValueError(f"model.family={cfg.family!r} is unknown; choose one of "
-                     f"{', '.join(sorted(FAMILIES))}")
+    raise ValueError(f"model.family={cfg.family!r} is not one of {', '.join(FAMILIES)}")
   return FAMILIES[cfg.family](cfg)
 
 
-__all__ = ["TransformerConfig", "Transformer", "EncoderDecoder", "FAMILIES", "build_model",
-           "REMAT_POLICIES", "num_params", "unstack_layers"]
+__all__ = ["TransformerConfig", "Transformer", "EncoderDecoder", "REMAT_POLICIES", "FAMILIES", "build_model",
+           "num_params", "pool_hidden", "unstack_layers"]

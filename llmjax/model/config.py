@@ -12,6 +12,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Every architectural choice of the GPT-2 and Llama families, as plain data."""
+  family: str = "decoder"      # the module llmjax.model.build_model builds (FAMILIES there)
   vocab_size: int = 256
   num_layers: int = 4
   num_heads: int = 4
@@ -46,7 +47,6 @@ class TransformerConfig:
   init_std: float = 0.02
   logits_dtype: str = "float32"
   # -- encoder-decoder models (issue 11; family 'encoder_decoder', llmjax.model.encoder_decoder) --
-  family: str = "decoder"      # 'decoder' | 'encoder_decoder' (llmjax.model.build_model)
   encoder_layers: int = 0      # encoder depth of an encoder-decoder (0 -> num_layers)
   share_embeddings: bool = True  # encoder and decoder read one token table (T5's `shared`)
   relative_buckets: int = 32   # position='relative': T5 relative-position buckets per direction pair
@@ -54,6 +54,11 @@ class TransformerConfig:
   scale_attention: bool = True  # False: scores are q.k without 1/sqrt(head_dim) (T5 folds it in init)
   scale_decoder_outputs: bool = False  # hidden * embed_dim**-0.5 before the head (T5 v1.0, tied)
   decoder_start_id: int = 0    # the token the decoder starts from (T5: pad = 0)
+
+  # Sequence classification (issue 9): > 0 puts a `classifier` head (embed -> num_labels) on the
+  # pooled final hidden state, and the model returns label logits [batch, num_labels] instead of
+  # token logits: the last real token for causal models, the first for bidirectional ones.
+  num_labels: int = 0
 
   @property
   def num_encoder_layers(self) -> int:
@@ -111,6 +116,8 @@ def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
     total += v * d
     if cfg.position == "learned":
       total += cfg.max_seq_len * d
-    if not cfg.tie_embeddings:
-      total += d * v
+    if not cfg.tie_embeddings and not cfg.num_labels:
+      total += d * v  # a classification model has no LM head
+  if cfg.num_labels:
+    total += d * cfg.num_labels + cfg.num_labels  # classifier kernel + bias
   return total

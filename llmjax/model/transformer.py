@@ -83,6 +83,8 @@ class Transformer(nn.Module):
     x = Norm(cfg, name="final_norm")(x)
     if return_hidden:
       return x
+    if cfg.num_labels > 0:
+      return self._classify(pool_hidden(x, segment_ids, cfg.causal))
 
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, dense_weight(embedding, cfg.compute_dtype, x))
@@ -90,6 +92,15 @@ class Transformer(nn.Module):
       logits = DenseGeneral(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.dtype(cfg.logits_dtype))
+
+  @nn.nowrap  # runs inside __call__'s compact scope
+  def _classify(self, pooled):
+    """Label logits [batch, num_labels] (float32) from pooled hidden states [batch, embed]."""
+    cfg = self.cfg
+    pooled = constrain(pooled, ("batch", "embed"))
+    logits = DenseGeneral(cfg, (cfg.num_labels,), ("embed", "labels"), use_bias=True,
+                          name="classifier")(pooled)
+    return logits.astype(jnp.float32)
 
   @nn.nowrap  # runs inside __call__'s compact scope
   def _scanned_layers(self, x, positions, segment_ids, deterministic):
@@ -109,6 +120,21 @@ class Transformer(nn.Module):
     )
     x, _ = layers(cfg, deterministic, False, name="layers")(x, positions, segment_ids)
     return x
+
+
+def pool_hidden(x, segment_ids, causal: bool):
+  """One vector per row of hidden states x [batch, length, embed]. Causal models: the last real
+  token (the only one that has seen the whole example); real tokens have segment_ids > 0 and
+  padding 0, and with no segment_ids the whole row is real. Bidirectional models: the first token."""
+  if not causal:
+    return x[:, 0]
+  length = x.shape[1]
+  if segment_ids is None:
+    last = jnp.full((x.shape[0],), length - 1, jnp.int32)
+  else:
+    idx = jnp.arange(length, dtype=jnp.int32)
+    last = jnp.max(jnp.where(segment_ids > 0, idx, 0), axis=1)
+  return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 
 def unstack_layers(params):
