@@ -21,7 +21,8 @@ from llmjax import preemption
 from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
-from llmjax.data import load_dataset, load_tokenizer
+from llmjax import objectives as objlib
+from llmjax.data import load_tokenizer
 from llmjax.model import num_params
 from llmjax.runs import CONFIG_FILE
 
@@ -65,7 +66,8 @@ class Run:
       saved_meta, tokenizer = None, None
     if saved_meta is not None:
       self._check_compatible(saved_meta, tokenizer)
-    self.dataset = load_dataset(config.data, config.train.seed, tokenizer)
+    # The objective says where its batches come from (token corpus, seq2seq pairs, ...).
+    self.dataset = objlib.get(t.objective).load_dataset(config, tokenizer)
     self.tokenizer = self.dataset.tokenizer
     if self.is_writer and not resuming:
       self.tokenizer.save(self.workdir)

@@ -103,6 +103,9 @@ class TransformerConfig:
 
 def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
   """Parameter count from the config alone (matches the initialized tree; tested)."""
+  if cfg.family == "encoder_decoder":
+    from llmjax.model.encoder_decoder import num_params as encoder_decoder_params
+    return encoder_decoder_params(cfg, include_embeddings)
   d, h, kv, hd, f, v = (cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
                         cfg.hidden_dim, cfg.vocab_size)
   b = 1 if cfg.use_bias else 0

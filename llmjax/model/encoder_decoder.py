@@ -251,7 +251,7 @@ def unstack_decoder(params):
   return params
 
 
-def num_params(cfg: TransformerConfig) -> int:
+def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
   """Parameter count of an encoder-decoder from its config (matches the initialized tree)."""
   d, h, kv, hd, f, v = (cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
                         cfg.hidden_dim, cfg.vocab_size)
@@ -263,11 +263,13 @@ def num_params(cfg: TransformerConfig) -> int:
   enc_layer = attn + mlp + 2 * norm
   dec_layer = 2 * attn + mlp + 3 * norm
   total = cfg.num_encoder_layers * enc_layer + cfg.num_layers * dec_layer + 2 * norm
+  if cfg.position == "relative":
+    total += 2 * cfg.relative_buckets * h
+  if not include_embeddings:
+    return total
   total += v * d * (1 if cfg.share_embeddings else 2)
   if not cfg.tie_embeddings:
     total += d * v
   if cfg.position == "learned":
     total += 2 * cfg.max_seq_len * d
-  if cfg.position == "relative":
-    total += 2 * cfg.relative_buckets * h
   return total

@@ -44,6 +44,12 @@ from llmjax.objectives.masked_lm import MaskedLM  # noqa: E402
 
 register("causal_lm")(CausalLM)
 register("masked_lm")(MaskedLM)
+# issue 11: encoder-decoders
+from llmjax.objectives.seq2seq import Seq2Seq  # noqa: E402
+from llmjax.objectives.span_corruption import SpanCorruption  # noqa: E402
+
+register("seq2seq")(Seq2Seq)
+register("span_corruption")(SpanCorruption)
 
 __all__ = ["Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
-           "CausalLM", "MaskedLM"]
+           "CausalLM", "MaskedLM", "Seq2Seq", "SpanCorruption"]

@@ -38,6 +38,16 @@ class BatchField(NamedTuple):
 class Objective:
   name = ""
   reports_bits_per_byte = False
+  # Model families this objective trains (config validation checks model.family against it);
+  # None: any family that takes plain token inputs (every one but 'encoder_decoder').
+  families: tuple | None = None
+
+  @classmethod
+  def load_dataset(cls, config, tokenizer=None):
+    """The dataset the loop draws this objective's batches from (default: the token corpus of
+    config.data). Objectives with their own row layout (seq2seq) override it."""
+    from llmjax.data import load_dataset
+    return load_dataset(config.data, config.train.seed, tokenizer)
 
   def __init__(self, config, model_config):
     self.config = config
