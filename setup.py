@@ -21,6 +21,12 @@ setup(
         "tensorboardX>=2.6",     # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",       # loss-curve PNG
         "safetensors>=0.4",      # Hugging Face weights (never pickle)
+        # python -m llmjax.evaluate: reference BLEU/chrF and ROUGE (tested: 2.6.0, 0.1.2)
+        "sacrebleu>=2.3",
+        "rouge-score>=0.1.2",
+        # chat templates (llmjax/data/chat.py): the sandboxed jinja2 that transformers renders
+        # Hugging Face chat templates with; >=3.1.6 as transformers requires (sandbox fixes)
+        "jinja2>=3.1.6",
     ],
     extras_require={
         "test": [
@@ -33,12 +39,19 @@ setup(
             "torch==2.13.0",
             "transformers>=5.23,<6",
             "tokenizers>=0.23.1,<0.24",
+            "lm-eval>=0.4.13,<0.5",  # tests/test_evaluate_cli.py: the lm-eval adapter
+            "scikit-learn>=1.3",     # tests/test_eval_metrics.py: macro-F1 / confusion reference
+            "pyarrow>=14", "datasets>=2.14",  # tests/test_formats.py: Parquet and datasets dirs
         ],
+        # python -m llmjax.lm_eval: lm-evaluation-harness tasks on a run (tested with 0.4.13)
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         # Hugging Face import/export: tokenizer.json needs `tokenizers`; loading by hub id needs
         # huggingface_hub. Weights themselves need only safetensors (a core dependency).
         "hf": ["tokenizers>=0.23.1", "huggingface_hub>=1.31"],
         # benchmarks/nanogpt_reference.py: the PyTorch nanoGPT twin timed against llmjax
         "bench": ["torch>=2.1"],  # measured with torch 2.13.0 (CPU wheel)
+        # task data in Parquet files / `datasets` save_to_disk directories (llmjax/data/formats.py)
+        "data": ["pyarrow>=14", "datasets>=2.14"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

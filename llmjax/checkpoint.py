@@ -85,6 +85,55 @@ def _check_writable(directory: Path) -> None:
                           "choose another --workdir or fix its permissions") from None
 
 
+# -- the best checkpoint (train.keep_best) -------------------------------------------------------
+BEST_FILE = "best.json"  # in the checkpoints directory: {"metric", "value", "step", "mode"}
+LOWER_IS_BETTER = ("loss", "perplexity", "bpb", "bpc")
+
+
+def metric_mode(metric: str) -> str:
+  """'min' for losses/perplexities/bits, 'max' for scores (accuracy, F1, exact match, ...)."""
+  name = metric.split("/")[-1]
+  return "min" if name in LOWER_IS_BETTER or name.endswith("loss") else "max"
+
+
+def read_best(directory: Path) -> dict | None:
+  path = Path(directory) / BEST_FILE
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())
+
+
+def write_best(directory: Path, record: dict) -> None:
+  """Atomically records the best step (only after that step's checkpoint is complete)."""
+  path = Path(directory) / BEST_FILE
+  tmp = path.with_name(f"{BEST_FILE}.tmp{os.getpid()}")
+  tmp.write_text(json.dumps(record, indent=2))
+  os.replace(tmp, path)
+
+
+def resolve_step(workdir, step):
+  """The one place a user's step is resolved, for every tool that takes one (--step of
+  generate, --mode=eval, export, evaluate; init_from=RUN:step): None or '' -> None (latest);
+  an int or digit string -> int; 'best' -> the step train.keep_best recorded. One-line
+  CheckpointError otherwise."""
+  if step is None or step == "":
+    return None
+  if isinstance(step, (int, np.integer)):
+    return int(step)
+  text = str(step).strip()
+  if text.isdigit():
+    return int(text)
+  if text == "best":
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    best = read_best(directory)
+    if best is None:
+      raise CheckpointError(f"{workdir} has no best checkpoint ({directory / BEST_FILE} is "
+                            "missing); train it with --config.train.keep_best=val/loss (or another "
+                            "val metric), or give a step number")
+    return int(best["step"])
+  raise CheckpointError(f"step {text!r} is not a step number or 'best'")
+
+
 class Checkpointer:
   """A CheckpointManager with the run's four items. `read_only=True` opens another run's
   checkpoints for evaluation or `init_from` without cleaning up (or racing) its writer."""
@@ -156,6 +205,9 @@ class Checkpointer:
     under a step name."""
     steps = self.all_steps()
     keep = set(steps[-self.keep:]) if self.keep > 0 else set(steps)
+    best = read_best(self.directory)
+    if best is not None:
+      keep.add(int(best["step"]))  # train.keep_best: never deleted by retention
     if self.keep_period:
       keep |= {s for s in steps if s % self.keep_period == 0}
     doomed = [s for s in steps if s not in keep]
@@ -184,7 +236,8 @@ class Checkpointer:
       raise self._save_failed(self._saving_step, e) from e
 
   # -- reading -----------------------------------------------------------------------------------
-  def _step_or_latest(self, step: int | None) -> int:
+  def _step_or_latest(self, step: int | str | None) -> int:
+    step = resolve_step(self.directory.parent, step)
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")

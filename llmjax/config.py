@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
                                   # 'all' tokens, or 'last_turn' (the last assistant turn only)
   c.data.truncate = "right"     # over-long examples: cut 'left' / 'right', 'drop' them, or
                                 # 'none' (fail at start naming the first one)
+  c.data.sp_split_digits = False  # a trained sentencepiece vocabulary splits numbers into digits
 
   # -- issue 11: encoder-decoders (llmjax/data/seq2seq.py) --
   c.data.source_len = 0         # encoder row length of seq2seq batches (0: data.seq_len)
@@ -248,6 +249,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check_family(config)
   _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
   _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
+  _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
+        f"train.keep_best={t.keep_best!r} must name a validation metric, e.g. 'val/loss' or "
+        "'val/accuracy'")
+  _need(d.format == "auto" or _is_task_path(d.path),
+        f"data.format={d.format!r} needs task data in data.path (.jsonl, .parquet or a datasets "
+        f"directory), got {d.path!r}")
   _validate_checkpointing(t)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
@@ -296,6 +303,11 @@ def _check_family(config) -> None:
     _need(0.0 < t.noise_density < 1.0, f"train.noise_density={t.noise_density} must be in (0, 1)")
     _need(t.mean_noise_span >= 1.0, f"train.mean_noise_span={t.mean_noise_span} must be >= 1")
     _need(t.span_sentinels >= 1, f"train.span_sentinels={t.span_sentinels} must be >= 1")
+
+
+def _is_task_path(path: str) -> bool:
+  from llmjax.data.formats import is_task_path
+  return is_task_path(path)
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

@@ -92,7 +92,20 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
   return result
 
 
+def describe_metrics(result: dict) -> str:
+  """'val loss 1.234567, perplexity 3.437, bpb 1.7811' (LM) or 'val loss ..., accuracy ...'."""
+  parts = [f"val loss {result['loss']:.6f}"]
+  if "perplexity" in result:
+    parts.append(f"perplexity {result['perplexity']:.3f}")
+  parts += [f"{k} {v:.4f}" for k, v in result.items()
+            if k not in ("loss", "perplexity", "step", "written_to") and isinstance(v, float)]
+  return ", ".join(parts)
+
+
 def format_result(result: dict) -> str:
-  extra = ", ".join(f"{k} {result[k]:.4f}" for k in ("bpc", "bpb") if k in result)
-  return (f"step {result['step']}: val loss {result['loss']:.6f}, perplexity "
-          f"{result['perplexity']:.3f}, {extra}")
+  return f"step {result['step']}: {describe_metrics(result)}"
+
+
+if __name__ == "__main__":  # `python -m llmjax.evaluate`: the task runner (llmjax/eval/cli.py)
+  from llmjax.eval.cli import run
+  run()

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "A run directory (training run or HF import).")
-flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+flags.DEFINE_string("step", None, "Checkpoint step to load: a number or 'best' (default: the latest).")
 flags.DEFINE_string("prompt", "\n", "Prompt text.")
 flags.DEFINE_list("prompt_ids", None, "Prompt as comma-separated token ids (overrides --prompt).")
 flags.DEFINE_bool("print_ids", False, "Print generated token ids, one comma-separated line per sample.")

@@ -66,11 +66,15 @@ class Run:
       saved_meta, tokenizer = None, None
     if saved_meta is not None:
       self._check_compatible(saved_meta, tokenizer)
-    # The objective says where its batches come from (token corpus, seq2seq pairs, ...).
-    self.dataset = objlib.get(t.objective).load_dataset(config, tokenizer)
+    # The objective says where its batches come from (token corpus, task rows, seq2seq pairs).
+    self.dataset = objlib.get(t.objective).load_dataset(
+        config, tokenizer, **_task_options(config, self.workdir if resuming else None))
     self.tokenizer = self.dataset.tokenizer
+    _apply_data_to_config(config, self.dataset)  # issue 9: num_labels, train.epochs -> steps
     if self.is_writer and not resuming:
       self.tokenizer.save(self.workdir)
+    if self.is_writer and hasattr(self.dataset, "save"):
+      self.dataset.save(self.workdir)  # e.g. the label mapping of a classification run
     if self.is_writer:
       _write_atomic(self.workdir / CONFIG_FILE, cfglib.to_json(config))
 
@@ -94,6 +98,11 @@ class Run:
     diffs += ckpt.model_mismatches(saved_meta.get("model", {}), model)
     if not diffs:
       return
+    if not self.config.model.num_labels or self.init_source is not None:
+      # num_labels 0 = taken from the data later; fine-tuning may add a head the source lacks
+      diffs = [d for d in diffs if not d.startswith("model.num_labels (")]
+      if not diffs:
+        return
     if self.init_source is None:
       raise ckpt.CheckpointError(
           f"cannot resume {self.workdir} from step {self.resume_step}: the config differs from the "
@@ -122,7 +131,11 @@ class Run:
       source, source_step = self.init_source
       # outside the mesh/rules context: load_run builds its own abstract state
       loaded = runs.load_run(source, source_step, mesh=self.mesh)
-      state = self.program.state_from_params(loaded.params)
+      params = loaded.params
+      fresh = self.program.abstract_state.params
+      if jax.tree.structure(params) != jax.tree.structure(fresh):
+        params = _add_new_leaves(self.program, params)  # e.g. a new classifier head
+      state = self.program.state_from_params(params)
       log(f"initialized from {source} step {loaded.step} (fresh optimizer state, step 0)")
       return state
     return self.program.init(jax.random.key(self.config.train.seed))
@@ -151,7 +164,33 @@ class Run:
     return shd.put_batch(host, self.mesh)
 
   # -- evaluation --------------------------------------------------------------------------------
+  def keep_if_best(self, state, step: int, result: dict) -> None:
+    """train.keep_best: when `result` improves the metric, makes sure checkpoint `step` exists
+    and records it as the best (checkpoints/best.json); retention never deletes that step."""
+    metric = self.config.train.keep_best
+    if not metric:
+      return
+    name = metric[len("val/"):] if metric.startswith("val/") else metric
+    if name not in result:
+      raise cfglib.ConfigError(f"train.keep_best={metric!r}: validation reports no {name!r} "
+                               f"(it reports {', '.join('val/' + k for k in result)}); pick one")
+    value, mode = float(result[name]), ckpt.metric_mode(name)
+    best = ckpt.read_best(self.checkpointer.directory)
+    if best is not None and best.get("metric") == metric:
+      if (value >= best["value"]) if mode == "min" else (value <= best["value"]):
+        return
+    if self.checkpointer.latest_step() != step:
+      self.save(state, step)
+    self.checkpointer.wait()  # only a complete checkpoint may be named the best
+    if self.is_writer:
+      ckpt.write_best(self.checkpointer.directory,
+                      {"metric": metric, "value": value, "step": int(step), "mode": mode})
+    log(f"step {step}: best {metric} so far ({value:.6g}); checkpoint {step} is kept")
+
   def evaluate(self, params, num_batches: int | None = None) -> dict:
+    if num_batches is None and hasattr(self.dataset, "num_batches"):
+      # task data: the whole validation set exactly once (empty rows pad the last batch)
+      num_batches = self.dataset.num_batches("val", self.config.data.batch_size)
     with self.program.scope():
       return evallib.evaluate_params(
           self.eval_step, params, lambda i: self.batch("val", i),
@@ -159,14 +198,51 @@ class Run:
           self.program.objective)
 
 
+# -- issue 9: task data ----------------------------------------------------------------------------
+def _task_options(config, resumed_workdir) -> dict:
+  """Extra load_dataset arguments the objective asks for (e.g. classification labels); a resumed
+  run reuses the label mapping it saved."""
+  from llmjax import objectives
+  options = dict(objectives.get(config.train.objective).data_options)
+  if options.get("classification") and resumed_workdir is not None:
+    from llmjax.data.task_data import read_labels
+    options["labels"] = read_labels(resumed_workdir)
+  return options
+
+
+def _apply_data_to_config(config, dataset) -> None:
+  """Fields the data decides: model.num_labels (classification, when 0) and, with train.epochs,
+  train.steps. Done before the config is saved and the program is built."""
+  if getattr(dataset, "num_labels", 0) and not config.model.num_labels:
+    config.model.num_labels = dataset.num_labels
+  if config.train.epochs:
+    if not hasattr(dataset, "steps_for_epochs"):
+      raise cfglib.ConfigError("train.epochs needs task data (data.path=<.jsonl/.parquet/datasets "
+                               "dir>); for raw text set train.steps instead")
+    config.train.steps = dataset.steps_for_epochs(config.train.epochs, config.data.batch_size)
+
+
+def _add_new_leaves(program, params):
+  """`params` completed with freshly initialized leaves the program's model has and they lack
+  (a fine-tuning head); every leaf they share is kept."""
+  fresh = jax.device_get(program.init(jax.random.key(program.config.train.seed)).params)
+  loaded = jax.device_get(params)
+
+  def merge(f, l):
+    if isinstance(f, dict):
+      return {k: merge(v, l[k]) if isinstance(l, dict) and k in l else v for k, v in f.items()}
+    return l
+  return merge(fresh, loaded)
+
+
 def parse_init_from(spec: str):
-  """'<workdir>[:step]' -> (workdir, step or None); '' -> None."""
+  """'<workdir>[:step|:best]' -> (workdir, step, 'best' or None); '' -> None."""
   if not spec:
     return None
   path, step = spec, None
   head, sep, tail = spec.rpartition(":")
-  if sep and tail.isdigit():
-    path, step = head, int(tail)
+  if sep and (tail.isdigit() or tail == "best"):
+    path, step = head, int(tail) if tail.isdigit() else tail
   return path, step
 
 
@@ -221,6 +297,8 @@ def train(config, workdir: str) -> dict:
       f"{run.tokenizer.kind} tokenizer with {run.tokenizer.vocab_size} ids; "
       f"mesh {mesh_desc} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
   log(f"peak {peak_total / 1e12:.3g} TFLOP/s ({peak_source}); training steps {start}..{t.steps}")
+  if hasattr(run.dataset, "summary"):
+    log(f"task data: {run.dataset.summary()}")
 
   if run.is_writer and run.resume_step is not None:
     _trim_metrics(run.workdir, start)
@@ -250,14 +328,14 @@ def train(config, workdir: str) -> dict:
     run.save(state, final_step)
   result = run.evaluate(state.params)
   writer.write(final_step, result, prefix="val")
-  log(f"step {final_step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-      + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("bpc", "bpb")))
+  run.keep_if_best(state, final_step, result)
+  log(f"step {final_step}: " + evallib.describe_metrics(result))
   run.checkpointer.wait()
   if run.is_writer:
     plot = mlib.plot_loss_curve(str(run.workdir))
     if plot:
       log(f"loss curve: {plot}")
-    if t.sample_tokens > 0 and config.model.causal:
+    if t.sample_tokens > 0 and config.model.causal and not run.model_config.num_labels:
       from llmjax.generate import sample_text
       text = sample_text(run.model, state.params, run.tokenizer, t.sample_prompt, t.sample_tokens,
                          temperature=t.sample_temperature, seed=t.seed)
@@ -300,7 +378,9 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
           progress.set_postfix(loss=f"{values['loss']:.4f}",
                                tok_s=f"{values['tokens_per_sec']:,.0f}", mfu=f"{values['mfu']:.1%}")
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-        writer.write(done, run.evaluate(state.params), prefix="val")
+        result = run.evaluate(state.params)
+        writer.write(done, result, prefix="val")
+        run.keep_if_best(state, done, result)
         last_log_time = time.perf_counter()  # eval time is not step time
       preempted = multi_host and run.checkpointer.manager.reached_preemption(done)
       if stop.requested() or preempted:
@@ -308,7 +388,8 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         run.save(state, done)
         run.checkpointer.wait()
         return state, stop.signal_name or "preemption notice"
-      if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+      if (t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps
+          and run.checkpointer.latest_step() != done):  # keep_best may have saved it already
         _check_nonfinite(run, jax.device_get(pending), done)  # never checkpoint a halted run
         run.save(state, done)
   return state, None

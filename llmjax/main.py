@@ -22,7 +22,8 @@ flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (0 = d
 flags.DEFINE_integer("process_id", -1, "Multi-host: this process's rank (-1 = detected).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train, or evaluate a checkpoint of --workdir without training (--step).")
-flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step to evaluate (default: latest).")
+flags.DEFINE_string("step", None, "--mode=eval: the checkpoint step to evaluate, a number or 'best' "
+                    "(default: latest).")
 FLAGS = flags.FLAGS
 
 

@@ -43,12 +43,13 @@ def read_config(workdir: str | Path):
   return cfglib.from_json(path.read_text())
 
 
-def load_run(workdir: str | Path, step: int | None = None, mesh=None) -> LoadedRun:
+def load_run(workdir: str | Path, step: int | str | None = None, mesh=None) -> LoadedRun:
   """The parameters of checkpoint `step` (default: the latest complete one), placed on `mesh`
   (default: the run's mesh config over this host's devices, or one device if it does not fit)."""
   config = read_config(workdir)
   checkpointer = ckpt.Checkpointer(str(workdir), async_save=False, read_only=True)
   try:
+    step = ckpt.resolve_step(workdir, step)  # int, None (latest) or 'best'
     steps = checkpointer.all_steps()
     if not steps:
       raise ckpt.CheckpointError(f"no checkpoint in {checkpointer.directory}")

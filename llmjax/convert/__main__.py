@@ -14,7 +14,7 @@ COMMANDS = ("hf_import", "hf_export")
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (import: source, or a hub id; "
                     "export: destination).")
 flags.DEFINE_string("workdir", None, "llmjax run directory (import: created; export: read).")
-flags.DEFINE_integer("step", None, "hf_export: checkpoint step (default: the latest).")
+flags.DEFINE_string("step", None, "hf_export: checkpoint step, a number or 'best' (default: the latest).")
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                   "hf_import: dtype of the imported parameters.")
 flags.DEFINE_string("revision", None, "hf_import from the hub: branch, tag or commit.")

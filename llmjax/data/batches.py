@@ -85,9 +85,15 @@ def _encode_documents(tokenizer, docs: list[str]) -> np.ndarray:
   return tokenizer.encode_array("\n\n".join(docs))
 
 
-def load_dataset(data_config, seed: int, tokenizer=None) -> TokenDataset:
-  """Builds the tokenizer (unless given, e.g. restored from a run) and the train/val token arrays."""
+def load_dataset(data_config, seed: int, tokenizer=None, **task_options):
+  """Builds the tokenizer (unless given, e.g. restored from a run) and the train/val token arrays;
+  task files (JSON Lines, Parquet, HF datasets dirs) give a TaskDataset instead (task_options:
+  see llmjax.data.task_data.load_task_dataset, e.g. classification=True, labels=...)."""
   path = data_config.path
+  from llmjax.data import formats
+  if formats.is_task_path(path):
+    from llmjax.data.task_data import load_task_dataset
+    return load_task_dataset(data_config, seed, tokenizer, **task_options)
   if path and sources.is_token_file(path):
     if tokenizer is None:
       tokenizer = build_tokenizer(data_config, corpus_text=None)

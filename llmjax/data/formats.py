@@ -227,8 +227,17 @@ def _json_records(path: str):
       yield lineno, record
 
 
+def _optional(module: str, path: str):
+  import importlib
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise DataError(f"{path}: reading it needs the {module.split('.')[0]} package; "
+                    "pip install 'llmjax[data]'") from None
+
+
 def _parquet_records(path: str):
-  import pyarrow.parquet as pq
+  pq = _optional("pyarrow.parquet", path)
   try:
     table = pq.read_table(path)
   except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
@@ -239,7 +248,7 @@ def _parquet_records(path: str):
 
 
 def _hf_records(path: str):
-  import datasets
+  datasets = _optional("datasets", path)
   p = Path(path)
   if (p / "dataset_dict.json").exists():
     splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])

@@ -147,8 +147,9 @@ class Seq2SeqDataset:
     source = self.train_rows if split == "train" else self.val_rows
     return source.take(step * batch_size + process_index * rows, rows)
 
-  def steps_per_epoch(self, batch_size: int) -> int:
-    return max(1, self.train_rows.rows_per_epoch() // batch_size)
+  def steps_for_epochs(self, epochs: int, batch_size: int) -> int:
+    """train.steps for `epochs` passes over the training rows (train.epochs)."""
+    return max(1, epochs * self.train_rows.rows_per_epoch() // batch_size)
 
 
 def tokenize_pairs(examples, tokenizer, data_config) -> list[tuple[list[int], list[int]]]:

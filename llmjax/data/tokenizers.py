@@ -136,10 +136,12 @@ def cache_dir() -> Path:
   return Path(os.environ.get("LLMJAX_CACHE", Path.home() / ".cache" / "llmjax"))
 
 
-def train_sentencepiece(text: str, vocab_size: int) -> SentencePieceTokenizer:
-  """Trains (or reuses from the cache) a BPE sentencepiece model on `text`."""
+def train_sentencepiece(text: str, vocab_size: int, split_digits: bool = False) -> SentencePieceTokenizer:
+  """Trains (or reuses from the cache) a BPE sentencepiece model on `text`. split_digits: every
+  digit is its own piece (as Llama's tokenizer does), so numbers tokenize consistently."""
   import sentencepiece as spm
-  key = hashlib.sha256(text.encode("utf-8") + f"|bpe|{vocab_size}".encode()).hexdigest()[:16]
+  tag = f"|bpe|{vocab_size}" + ("|split_digits" if split_digits else "")
+  key = hashlib.sha256(text.encode("utf-8") + tag.encode()).hexdigest()[:16]
   model_file = cache_dir() / "sentencepiece" / f"{key}.model"
   if not model_file.exists():
     model_file.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,7 @@ def train_sentencepiece(text: str, vocab_size: int) -> SentencePieceTokenizer:
             input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=vocab_size,
             model_type="bpe", character_coverage=0.9995, byte_fallback=True,
             max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            num_threads=os.cpu_count() or 1, minloglevel=2, split_digits=split_digits)
       except RuntimeError as e:
         from llmjax.data.sources import DataError
         raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: "
@@ -187,4 +189,5 @@ def build_tokenizer(data_config, corpus_text: str | None):
   if corpus_text is None:
     raise ValueError("training a sentencepiece tokenizer needs a text corpus; "
                      "set data.tokenizer_path to an existing .model file")
-  return train_sentencepiece(corpus_text, data_config.sp_vocab_size)
+  return train_sentencepiece(corpus_text, data_config.sp_vocab_size,
+                             split_digits=bool(data_config.get("sp_split_digits", False)))

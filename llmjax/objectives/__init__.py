@@ -40,10 +40,12 @@ def build(config, model_config) -> Objective:
 
 # The landed objectives (registration order = the order listed in errors and docs).
 from llmjax.objectives.causal_lm import CausalLM  # noqa: E402
+from llmjax.objectives.classification import Classification  # noqa: E402
 from llmjax.objectives.masked_lm import MaskedLM  # noqa: E402
 
 register("causal_lm")(CausalLM)
 register("masked_lm")(MaskedLM)
+register("classification")(Classification)
 # issue 11: encoder-decoders
 from llmjax.objectives.seq2seq import Seq2Seq  # noqa: E402
 from llmjax.objectives.span_corruption import SpanCorruption  # noqa: E402
@@ -52,4 +54,4 @@ register("seq2seq")(Seq2Seq)
 register("span_corruption")(SpanCorruption)
 
 __all__ = ["Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
-           "CausalLM", "MaskedLM", "Seq2Seq", "SpanCorruption"]
+           "CausalLM", "MaskedLM", "Classification", "Seq2Seq", "SpanCorruption"]

@@ -17,6 +17,7 @@ on the objective's name, so a new objective is a new module plus a `@register("n
   batch size or sharding averages exactly. `finalize(sums)` turns the totals into metrics.
 - `trainable(params)` -> a pytree of bools (default all True); frozen leaves get no optimizer
   state and no gradient (LoRA).
+- `data_options` (class attribute): extra load_dataset keywords the objective's batches need.
 - `reports_bits_per_byte`: True for token-level LM objectives, whose eval loss is also reported
   in bits per character/byte.
 """
@@ -38,16 +39,18 @@ class BatchField(NamedTuple):
 class Objective:
   name = ""
   reports_bits_per_byte = False
-  # Model families this objective trains (config validation checks model.family against it);
+  # extra keyword arguments for llmjax.data.load_dataset (e.g. {"classification": True})
+  data_options: dict = {}
+  # Issue 11: model families this objective trains (config validation checks model.family);
   # None: any family that takes plain token inputs (every one but 'encoder_decoder').
   families: tuple | None = None
 
   @classmethod
-  def load_dataset(cls, config, tokenizer=None):
-    """The dataset the loop draws this objective's batches from (default: the token corpus of
-    config.data). Objectives with their own row layout (seq2seq) override it."""
+  def load_dataset(cls, config, tokenizer=None, **options):
+    """The dataset the loop draws this objective's batches from (default: llmjax.data's
+    load_dataset with `data_options`). Objectives with their own rows (seq2seq) override it."""
     from llmjax.data import load_dataset
-    return load_dataset(config.data, config.train.seed, tokenizer)
+    return load_dataset(config.data, config.train.seed, tokenizer, **options)
 
   def __init__(self, config, model_config):
     self.config = config

@@ -21,7 +21,7 @@ class Seq2Seq(Objective):
   families = ("encoder_decoder",)   # the model families this objective trains
 
   @classmethod
-  def load_dataset(cls, config, tokenizer=None):
+  def load_dataset(cls, config, tokenizer=None, **options):
     """The run's batches: {"source", "target"} pairs from data.path."""
     from llmjax.data.seq2seq import load_seq2seq_dataset
     return load_seq2seq_dataset(config, tokenizer, start_id=int(config.model.decoder_start_id))

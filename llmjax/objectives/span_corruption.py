@@ -12,7 +12,7 @@ class SpanCorruption(Seq2Seq):
   name = "span_corruption"
 
   @classmethod
-  def load_dataset(cls, config, tokenizer=None):
+  def load_dataset(cls, config, tokenizer=None, **options):
     from llmjax import config as cfglib
     from llmjax.data import load_dataset
     from llmjax.data import seq2seq as s2s

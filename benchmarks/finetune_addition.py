@@ -1,0 +1,135 @@
+"""Fine-tuning bar: three-digit addition learned by a small pretrained model on CPU.
+
+1. Pretrain a base model (4 layers, 128 wide, sentencepiece with split digits) on the embedded
+   corpus (Python's documentation prose, shipped with Python) for --pretrain_steps.
+2. Generate addition examples {"prompt": "123+456=", "completion": "579"} with a seed; train, val
+   and test sets are disjoint (distinct (a, b) pairs).
+3. Exact match of greedy completions on the test set (`llmjax.eval`, as `python -m llmjax.evaluate`
+   computes it): the base model, then the model fine-tuned with experiments/finetune.py's
+   defaults (completion-only loss) and, on the same budget, with loss on every token.
+
+Prints the figures and writes JSON (--out). The bar (issue 9): exact match from about 0 to >= 90%.
+
+  PYTHONPATH=$PWD python benchmarks/finetune_addition.py --out=benchmarks/finetune_addition.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def addition_sets(seed: int, n_train: int, n_val: int, n_test: int):
+  """Disjoint sets of distinct (a, b) pairs of three-digit numbers."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  picks = rng.choice(900 * 900, size=n_train + n_val + n_test, replace=False)
+  pairs = [(100 + int(p) // 900, 100 + int(p) % 900) for p in picks]
+  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ps]
+  return (make(pairs[:n_train]), make(pairs[n_train:n_train + n_val]),
+          make(pairs[n_train + n_val:]))
+
+
+def write_jsonl(path: Path, records) -> str:
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def base_config(steps: int):
+  from llmjax.config import default_config
+  c = default_config()
+  c.model.update(num_layers=4, num_heads=4, embed_dim=128, max_seq_len=64, position="rotary",
+                 norm="rmsnorm", mlp="swiglu", use_bias=False, scan_layers=False)
+  c.data.update(tokenizer="sentencepiece", sp_vocab_size=512, sp_split_digits=True, seq_len=64,
+                batch_size=16)
+  c.optim.update(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1)
+  c.train.update(steps=steps, eval_every=0, eval_batches=4, log_every=50, checkpoint_every=0,
+                 sample_tokens=0, progress=False, tensorboard=False, grad_accum_steps=1)
+  return c
+
+
+def finetune_config(base: str, train: str, val: str, steps: int, lr: float, train_on: str,
+                    seq_len: int, batch_size: int):
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import finetune
+  c = finetune.get_config(base)
+  # one sum (<= 14 tokens) per row of 16: padding, no packing needed
+  c.data.update(path=train, val_path=val, train_on=train_on, batch_size=batch_size,
+                seq_len=seq_len, packing=seq_len > 16)
+  c.optim.update(lr=lr, warmup_steps=30)
+  c.train.update(epochs=0, steps=steps, eval_every=0, keep_best="", log_every=100,
+                 progress=False, tensorboard=False)
+  return c
+
+
+def exact_match(workdir: str, test: str) -> float:
+  from llmjax.eval.runner import evaluate_file
+  from llmjax.eval.tasks import Options
+  summary, _ = evaluate_file(workdir, test, options=Options(max_new_tokens=8), batch_size=64)
+  return summary["exact_match"]
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--pretrain_steps", type=int, default=300)
+  p.add_argument("--finetune_steps", type=int, default=2000)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--seq_len", type=int, default=16)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--train_examples", type=int, default=20000)
+  p.add_argument("--test_examples", type=int, default=500)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--skip_all_tokens", action="store_true", help="skip the all-token comparison")
+  p.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+
+  from llmjax import loop
+  tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_addition_"))
+  tmp.mkdir(parents=True, exist_ok=True)
+  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples)
+  paths = {k: write_jsonl(tmp / f"{k}.jsonl", v) for k, v in
+           (("train", train), ("val", val), ("test", test))}
+  pairs = lambda rs: {r["prompt"] for r in rs}
+  assert not (pairs(train) & pairs(test)) and not (pairs(val) & pairs(test))
+
+  result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "args": vars(args)}
+  t0 = time.perf_counter()
+  base = str(tmp / "base")
+  if not (Path(base) / "checkpoints").exists():
+    loop.train(base_config(args.pretrain_steps), base)
+  result["pretrain_s"] = time.perf_counter() - t0
+  result["base_exact_match"] = exact_match(base, paths["test"])
+  print(f"base model: exact match {result['base_exact_match']:.3f} on {len(test)} held-out sums",
+        flush=True)
+
+  variants = [("completion", "completion")] + ([] if args.skip_all_tokens else [("all", "all")])
+  for name, train_on in variants:
+    work = str(tmp / f"ft_{name}")
+    t0 = time.perf_counter()
+    final = loop.train(finetune_config(base, paths["train"], paths["val"], args.finetune_steps,
+                                       args.lr, train_on, args.seq_len, args.batch_size), work)
+    seconds = time.perf_counter() - t0
+    em = exact_match(work, paths["test"])
+    result[f"{name}_loss"] = {"finetune_s": seconds, "exact_match": em,
+                              "val_loss": final.get("loss")}
+    print(f"fine-tuned, loss on {name} tokens: exact match {em:.3f} after "
+          f"{args.finetune_steps} steps ({seconds:.0f} s)", flush=True)
+  print(json.dumps(result, indent=2))
+  if args.out:
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,150 @@
+"""Fine-tuning end to end: experiments/finetune.py, train.keep_best and --step=best (one
+resolution function, llmjax.checkpoint.resolve_step), one-line errors for bad task data, and
+(slow) the issue's bars: three-digit addition and a classification task from shipped data."""
+import json
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import checkpoint as ckpt
+from llmjax import config as cfglib
+from llmjax.loop import parse_init_from
+
+from conftest import ROOT, run_cli
+
+
+def test_resolve_step_and_init_from_spec(tmp_path):
+  assert ckpt.resolve_step(tmp_path, None) is None and ckpt.resolve_step(tmp_path, "") is None
+  assert ckpt.resolve_step(tmp_path, 7) == 7 and ckpt.resolve_step(tmp_path, "12") == 12
+  with pytest.raises(ckpt.CheckpointError, match="has no best checkpoint .*keep_best"):
+    ckpt.resolve_step(tmp_path, "best")
+  with pytest.raises(ckpt.CheckpointError, match="'latest' is not a step number or 'best'"):
+    ckpt.resolve_step(tmp_path, "latest")
+  (tmp_path / "checkpoints").mkdir()
+  ckpt.write_best(tmp_path / "checkpoints", {"metric": "val/loss", "value": 1.0, "step": 4,
+                                             "mode": "min"})
+  assert ckpt.resolve_step(tmp_path, "best") == 4
+  assert parse_init_from("runs/a:best") == ("runs/a", "best")
+  assert parse_init_from("runs/a:30") == ("runs/a", 30) and parse_init_from("runs/a") == ("runs/a", None)
+  assert ckpt.metric_mode("val/loss") == "min" and ckpt.metric_mode("val/accuracy") == "max"
+  assert ckpt.metric_mode("macro_f1") == "max" and ckpt.metric_mode("bpb") == "min"
+
+
+def test_retention_never_deletes_the_best_checkpoint(tmp_path):
+  c = ckpt.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  state = {"w": jnp.ones((2,))}
+  try:
+    for step in (1, 2, 3, 4):
+      c.save(step, state, {"step": step}, {"step": step}, {})
+      c.wait()
+      if step == 2:
+        ckpt.write_best(c.directory, {"metric": "val/loss", "value": 0.5, "step": 2, "mode": "min"})
+    c.save(5, state, {"step": 5}, {"step": 5}, {})
+    c.wait()
+    # retention runs before each save: keep=1 keeps the latest (4) and the best (2); 1 and 3 went
+    assert c.all_steps() == [2, 4, 5]
+    assert c.read_meta("best")["step"] == 2
+  finally:
+    c.close()
+
+
+def test_keep_best_and_format_validation():
+  c = cfglib.default_config()
+  c.train.keep_best = "val loss"
+  with pytest.raises(cfglib.ConfigError, match="train.keep_best='val loss' must name a validation metric"):
+    cfglib.validate(c)
+  c = cfglib.default_config()
+  c.data.format = "chat"
+  with pytest.raises(cfglib.ConfigError, match="data.format='chat' needs task data"):
+    cfglib.validate(c)
+  c.data.format = "nope"
+  with pytest.raises(cfglib.ConfigError, match="data.format='nope' is not one of auto, text, "
+                     "prompt_completion, chat, classification, multiple_choice"):
+    cfglib.validate(c)
+
+
+TINY = ["--config.model.num_layers=2", "--config.model.embed_dim=32", "--config.model.num_heads=2",
+        "--config.data.seq_len=24", "--config.data.batch_size=4", "--config.train.grad_accum_steps=1",
+        "--config.train.progress=False", "--config.train.tensorboard=False",
+        "--config.train.sample_tokens=0"]
+
+
+def write(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def test_bad_task_data_is_one_line_exit_2(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": \n')
+  proc = run_cli(["-m", "llmjax.main", "--config=experiments/shakespeare_char.py",
+                  f"--workdir={tmp_path / 'run'}", f"--config.data.path={bad}", *TINY])
+  assert proc.returncode == 2, proc.stderr[-1500:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"llmjax: error: {bad}:2: malformed JSON")
+
+
+@pytest.mark.slow
+def test_finetune_experiment_keep_best_and_step_best_everywhere(tmp_path):
+  """Pretrain a tiny base; fine-tune it with experiments/finetune.py (init_from=base:best
+  resolves through the base's best.json); keep_best retains the best checkpoint; --step=best
+  works for --mode=eval, generate and llmjax.evaluate."""
+  base = tmp_path / "base"
+  proc = run_cli(["-m", "llmjax.main", "--config=experiments/shakespeare_char.py",
+                  f"--workdir={base}", *TINY, "--config.train.steps=20",
+                  "--config.train.eval_every=10", "--config.train.eval_batches=2",
+                  "--config.train.keep_best=val/loss", "--config.train.checkpoint_every=10"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  best = json.loads((base / "checkpoints" / "best.json").read_text())
+  assert best["metric"] == "val/loss" and best["step"] in (10, 20)
+  rng = np.random.default_rng(0)
+  rows = [{"prompt": f"the {w} is", "completion": f" {w}."}
+          for w in rng.choice(["class", "module", "function", "string"], 60)]
+  train = write(tmp_path / "train.jsonl", rows[:48])
+  val = write(tmp_path / "val.jsonl", rows[48:])
+  ft = tmp_path / "ft"
+  proc = run_cli(["-m", "llmjax.main", f"--config=experiments/finetune.py:{base}:best",
+                  f"--workdir={ft}", f"--config.data.path={train}", f"--config.data.val_path={val}",
+                  "--config.train.epochs=2", "--config.train.eval_every=4",
+                  "--config.train.keep_checkpoints=1", "--config.train.progress=False",
+                  "--config.train.tensorboard=False"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"initialized from {base} step {best['step']}" in proc.stdout
+  assert "packing efficiency" in proc.stdout and "best val/loss so far" in proc.stdout
+  ft_best = json.loads((ft / "checkpoints" / "best.json").read_text())
+  assert (ft / "checkpoints" / str(ft_best["step"])).is_dir()
+  config = json.loads((ft / "config.json").read_text())
+  assert config["data"]["train_on"] == "completion" and config["optim"]["lr"] == 1e-4
+  proc = run_cli(["-m", "llmjax.main", "--mode=eval", f"--workdir={ft}", "--step=best"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"step {ft_best['step']}:" in proc.stdout
+  proc = run_cli(["-m", "llmjax.generate_cli", f"--workdir={ft}", "--step=best",
+                  "--prompt=the class is", "--max_new_tokens=4"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run_cli(["-m", "llmjax.evaluate", f"--workdir={ft}", f"--data={val}", "--step=best"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == ft_best["step"]
+
+
+@pytest.mark.slow
+def test_addition_bar(tmp_path):
+  """Issue 9's bar: held-out exact match of three-digit addition from ~0 to >= 90%."""
+  out = tmp_path / "add.json"
+  proc = run_cli([str(ROOT / "benchmarks" / "finetune_addition.py"), f"--out={out}",
+                  "--skip_all_tokens", f"--workdir={tmp_path / 'runs'}"], timeout=7200)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["base_exact_match"] < 0.05
+  assert result["completion_loss"]["exact_match"] >= 0.9
+
+
+@pytest.mark.slow
+def test_classification_bar(tmp_path):
+  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy."""
+  out = tmp_path / "cls.json"
+  proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
+                  f"--workdir={tmp_path / 'runs'}"], timeout=7200)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(out.read_text())["test_accuracy"] >= 0.95
