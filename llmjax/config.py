@@ -49,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
                                 # 'none' (fail at start naming the first one)
   c.data.sp_split_digits = False  # a trained sentencepiece vocabulary splits numbers into digits
 
+  # -- issue 11: encoder-decoders (llmjax/data/seq2seq.py) --
+  c.data.source_len = 0         # encoder row length of seq2seq batches (0: data.seq_len)
+
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
       schedule="cosine",     # 'cosine' | 'linear' | 'constant'
@@ -103,6 +106,11 @@ def default_config() -> ml_collections.ConfigDict:
   # The device mesh. Sizes are per slice (ICI: the fast links inside one TPU slice or GPU node);
   # mesh.dcn.* are the sizes across slices/hosts (DCN: the data-center network). The global size of
   # an axis is ici * dcn. -1 means "the devices (or slices) left over once the other axes are sized".
+  # -- issue 11: T5 span corruption (train.objective='span_corruption') --
+  c.train.noise_density = 0.15    # fraction of tokens hidden
+  c.train.mean_noise_span = 3.0   # mean length of a hidden span
+  c.train.span_sentinels = 100    # sentinel ids (T5's <extra_id_N>, else the top model ids)
+
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,      # pure data parallelism: replicated params, batch split
       fsdp=1,       # ZeRO-3 style: params, grads and optimizer state sharded, batch split
@@ -163,10 +171,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "model.position": ("learned", "rotary", "sinusoidal", "none"),
+    "model.position": ("learned", "rotary", "sinusoidal", "relative", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.rope_scaling": ("none", "linear", "llama3"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "swiglu", "relu", "geglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.logits_dtype": ("float32", "bfloat16"),
@@ -279,6 +287,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         "train.objective='masked_lm' needs a bidirectional model: set "
         "--config.model.family=encoder (or --config.model.causal=False)")
   _validate_encoder(m, t)
+  _check_family(config)
   _need(m.num_labels >= 0, f"model.num_labels={m.num_labels} must be >= 0 (0: from the data)")
   _need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0 (0: train.steps decides)")
   _need(not t.keep_best or t.keep_best.split("/")[-1].replace("_", "").isalnum(),
@@ -357,6 +366,30 @@ def _validate_lora(config) -> None:
     _need(lo.rank > 0,
           "train.objective='dpo' trains LoRA adapters so the reference is the base with them "
           "switched off (no second copy of the weights): set --config.lora.rank=8 (for example)")
+
+
+def _check_family(config) -> None:
+  """Issue 11: an objective trains only the model families that take its inputs."""
+  from llmjax import objectives
+  m, t, d = config.model, config.train, config.data
+  wanted = getattr(objectives.get(t.objective), "families", None)
+  if wanted:
+    _need(m.family in wanted,
+          f"train.objective={t.objective!r} feeds source/target pairs to an encoder-decoder but "
+          f"model.family={m.family!r}; set --config.model.family=encoder_decoder")
+  else:
+    _need(m.family != "encoder_decoder",
+          f"model.family='encoder_decoder' needs encoder inputs, which train.objective="
+          f"{t.objective!r} does not give; use train.objective='seq2seq' or 'span_corruption'")
+  if m.family == "encoder_decoder":
+    _need(d.source_len >= 0, f"data.source_len={d.source_len} must be >= 0 (0: data.seq_len)")
+    src = d.source_len or d.seq_len
+    _need(m.position != "learned" or src <= m.max_seq_len,
+          f"data.source_len={src} is longer than model.max_seq_len={m.max_seq_len}; raise "
+          "model.max_seq_len or shorten data.source_len")
+    _need(0.0 < t.noise_density < 1.0, f"train.noise_density={t.noise_density} must be in (0, 1)")
+    _need(t.mean_noise_span >= 1.0, f"train.mean_noise_span={t.mean_noise_span} must be >= 1")
+    _need(t.span_sentinels >= 1, f"train.span_sentinels={t.span_sentinels} must be >= 1")
 
 
 def _is_task_path(path: str) -> bool:

@@ -25,6 +25,12 @@ flags.DEFINE_bool("ignore_eos", False, "Keep generating after the end-of-sequenc
 flags.DEFINE_bool("truncate_prompt", False, "Keep the prompt's last tokens when it is too long "
                   "for the context (default: an error).")
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "Weight-only quantization for inference.")
+flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1: greedy/sampling). "
+                     "Beam search ignores the sampling flags.")
+flags.DEFINE_float("length_penalty", 1.0, "Beam search: hypothesis score = log-prob / length**this.")
+flags.DEFINE_enum("early_stopping", "false", ["true", "false", "never"],
+                  "Beam search: stop at num_beams finished hypotheses (true), when no running "
+                  "beam can win (false, HF's default), or never before max_new_tokens.")
 FLAGS = flags.FLAGS
 
 
@@ -65,17 +71,27 @@ def main(argv):
   from llmjax import sharding as shd
   from llmjax.checkpoint import CheckpointError
   from llmjax.data import DataError
+  from llmjax.beam_search import BeamSearchError
   from llmjax.sampling import Sampler
+  from llmjax.seq2seq_decode import Seq2SeqError
   try:
     sampler = Sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   except ValueError as e:
     fail(str(e))
   if FLAGS.num_samples < 1:
     fail(f"--num_samples={FLAGS.num_samples} must be at least 1")
+  if FLAGS.num_beams < 1:
+    fail(f"--num_beams={FLAGS.num_beams} must be at least 1 (1: no beam search)")
   try:
     run = runs.load_run(FLAGS.workdir, FLAGS.step)
     params = quant.quantize_params(run.params, FLAGS.quantize)
     model, tokenizer = run.model, run.tokenizer
+    # The model family picks the decoding path (a dict, not an if chain, as families grow).
+    special = FAMILY_PATHS.get(model.cfg.family)
+    if special is not None:
+      return special(run, params)
+    if FLAGS.num_beams > 1:
+      return _decoder_only_beams(run, params)
     context = model.cfg.max_seq_len
     max_new = FLAGS.max_new_tokens
     if max_new < 1:
@@ -96,8 +112,56 @@ def main(argv):
     else:
       _print_text(steps, tokenizer, ids, eos_id)
   except (gen.GenerateError, cfglib.ConfigError, DataError, CheckpointError,
-          FileNotFoundError) as e:
+          FileNotFoundError, Seq2SeqError, BeamSearchError) as e:
     fail(str(e))
+
+
+def _early_stopping():
+  return {"true": True, "false": False, "never": "never"}[FLAGS.early_stopping]
+
+
+def _emit(prompt_text: str, rows, tokenizer, eos_id) -> None:
+  """Prints each sample (ids with --print_ids, else the prompt text + the decoded output)."""
+  for row in rows:
+    if FLAGS.print_ids:
+      print(",".join(map(str, row)), flush=True)
+      continue
+    if eos_id is not None and row and row[-1] == eos_id:
+      row = row[:-1]
+    print(prompt_text + tokenizer.decode(row), flush=True)
+
+
+def _decoder_only_beams(run, params) -> None:
+  from llmjax import beam_search
+  from llmjax import generate as gen
+  model, tokenizer = run.model, run.tokenizer
+  ids = _prompt_ids(tokenizer, model.cfg.vocab_size)
+  ids = gen.fit_prompt(ids, model.cfg.max_seq_len, FLAGS.max_new_tokens, FLAGS.truncate_prompt)
+  eos_id = None if FLAGS.ignore_eos else tokenizer.eos_id
+  rows = beam_search.generate_beams(
+      model, params, [ids], FLAGS.max_new_tokens, num_beams=FLAGS.num_beams,
+      length_penalty=FLAGS.length_penalty, early_stopping=_early_stopping(), eos_id=eos_id)
+  _emit(tokenizer.decode(ids), rows, tokenizer, eos_id)
+
+
+def _encoder_decoder(run, params) -> None:
+  """The prompt is the source (encoder input); the output is the decoder's text alone."""
+  from llmjax import seq2seq_decode
+  from llmjax.sampling import Sampler
+  model, tokenizer = run.model, run.tokenizer
+  ids = _prompt_ids(tokenizer, model.cfg.vocab_size)
+  eos_id = None if FLAGS.ignore_eos else tokenizer.eos_id
+  if tokenizer.eos_id is not None and ids[-1] != tokenizer.eos_id:
+    ids = ids + [tokenizer.eos_id]  # sources end with EOS, as in training (llmjax/data/seq2seq.py)
+  rows = seq2seq_decode.generate(
+      model, params, [ids] * FLAGS.num_samples, FLAGS.max_new_tokens,
+      sampler=Sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p), seed=FLAGS.seed,
+      eos_id=eos_id, num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
+      early_stopping=_early_stopping())
+  _emit("", rows, tokenizer, eos_id)
+
+
+FAMILY_PATHS = {"encoder_decoder": _encoder_decoder}
 
 
 def _print_ids(steps, tokenizer, eos_id) -> None:

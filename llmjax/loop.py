@@ -27,7 +27,8 @@ from llmjax import program as programlib
 from llmjax import sharding as shd
 from llmjax import train as trainlib
 from llmjax import workdir as workdir_lib
-from llmjax.data import load_dataset, load_tokenizer
+from llmjax import objectives as objlib
+from llmjax.data import load_tokenizer
 from llmjax.data.batches import corpus_fingerprint
 from llmjax.data.tokenizers import SPEC_FILE
 from llmjax.data.prefetch import Prefetcher
@@ -78,8 +79,9 @@ class Run:
       saved_meta, tokenizer = None, None
     if saved_meta is not None:
       self._check_compatible(saved_meta, tokenizer)
-    self.dataset = load_dataset(config.data, config.train.seed, tokenizer,
-                                **_task_options(config, self.workdir if resuming else None))
+    # The objective says where its batches come from (token corpus, task rows, seq2seq pairs).
+    self.dataset = objlib.get(t.objective).load_dataset(
+        config, tokenizer, **_task_options(config, self.workdir if resuming else None))
     self.tokenizer = self.dataset.tokenizer
     _check_model_vocab(config, self.tokenizer)
     self.corpus = corpus_identity(config.data, self.dataset)

@@ -28,9 +28,15 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llmjax.convert import families, files, hf_config, weights
+from llmjax.convert import families, files, hf_config, t5, weights
 from llmjax.convert.hf_config import ConversionError
-from llmjax.model import Transformer, TransformerConfig, build_model
+from llmjax.model import TransformerConfig, build_model
+
+# Architectures with a converter module of their own (config, weights and tokenizer), by HF
+# model_type for import and by llmjax model family for export. GPT-2 and Llama stay in
+# hf_config/weights.
+IMPORTERS = {t5.MODEL_TYPE: t5}
+EXPORTERS = {"encoder_decoder": t5}
 
 __all__ = ["ConversionError", "HFModel", "load_hf", "import_hf", "save_hf", "export_hf",
            "export_adapter", "import_peft", "run_config"]
@@ -44,10 +50,10 @@ class HFModel:
   params: dict                    # numpy arrays in llmjax's layout (jax accepts them as is)
   tokenizer: object | None        # HFTokenizer, or None when the directory has no tokenizer
   hf_config: dict                 # the parsed config.json
-  family: str                     # 'gpt2' | 'llama' | a registered family ('bert')
+  family: str                     # 'gpt2' | 'llama' | 't5' | a registered family ('bert')
 
   @property
-  def model(self) -> Transformer:
+  def model(self):
     return build_model(self.model_config)
 
 
@@ -60,6 +66,8 @@ def load_hf(path_or_repo: str | os.PathLike, param_dtype: str = "float32",
     raise ConversionError(f"param_dtype={param_dtype!r} must be one of {', '.join(NUMPY_DTYPES)}")
   directory = files.resolve(path_or_repo, revision)
   hf = files.read_config(directory)
+  if hf.get("model_type") in IMPORTERS:
+    return _load_module(IMPORTERS[hf["model_type"]], directory, hf, param_dtype)
   registered = families.for_model_type(hf.get("model_type"))
   if registered is not None:  # a family with its own converter module (e.g. bert)
     kind = registered.name
@@ -77,6 +85,17 @@ def load_hf(path_or_repo: str | os.PathLike, param_dtype: str = "float32",
     raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                           f"vocabulary is {cfg.vocab_size}; the tokenizer does not fit this model")
   return HFModel(cfg, params, tokenizer, hf, kind)
+
+
+def _load_module(module, directory: Path, hf: dict, param_dtype: str) -> HFModel:
+  tensors = files.read_weights(directory)
+  cfg = module.to_llmjax(hf, tensors, param_dtype)
+  params = module.hf_to_params(tensors, cfg, NUMPY_DTYPES[param_dtype])
+  tokenizer = module.load_tokenizer(directory, hf)
+  if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocabulary is {cfg.vocab_size}; the tokenizer does not fit this model")
+  return HFModel(cfg, params, tokenizer, hf, module.MODEL_TYPE)
 
 
 def run_config(model_config: TransformerConfig, tokenizer_dir: str | os.PathLike,
@@ -121,20 +140,24 @@ def save_hf(model_config: TransformerConfig, params, out_dir: str | os.PathLike,
   transformers' from_pretrained loads as GPT2LMHeadModel or LlamaForCausalLM; and the tokenizer
   files when `tokenizer` can be expressed for AutoTokenizer. Returns the file names written."""
   from llmjax.convert import tokenizer_export
-  registered = families.for_config(model_config)
+  module = EXPORTERS.get(model_config.family)
+  registered = families.for_config(model_config) if module is None else None
   if registered is not None:
     config = registered.to_hf(model_config, tokenizer)  # refuses before anything is written
-  else:
+  elif module is None:
     kind = hf_config.export_family(model_config)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-  if registered is not None:
+  eos = getattr(tokenizer, "eos_id", None)
+  bos = getattr(tokenizer, "bos_id", None)
+  if module is not None:
+    tensors = module.params_to_hf(host, model_config)
+    config = module.to_hf(model_config, eos_id=eos)
+  elif registered is not None:
     tensors = registered.export_params(host, model_config)
   else:
     tensors = weights.params_to_hf(kind, host, model_config)
-    eos = getattr(tokenizer, "eos_id", None)
-    bos = getattr(tokenizer, "bos_id", None)
     config = hf_config.to_hf(model_config, eos_id=eos, bos_id=bos)
   written = files.write_weights(out, tensors, max_shard_bytes)
   (out / files.CONFIG).write_text(json.dumps(config, indent=2))
@@ -158,7 +181,9 @@ def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int 
   _refuse_existing(out, [files.CONFIG, files.INDEX])
   run = runs.load_run(workdir, step)
   registered = families.for_config(run.model_config)
-  if registered is not None:  # refuse before writing anything
+  if run.model_config.family in EXPORTERS:  # refuse before writing anything
+    EXPORTERS[run.model_config.family]._check(run.model_config)
+  elif registered is not None:
     registered.to_hf(run.model_config, run.tokenizer)
   else:
     hf_config.export_family(run.model_config)

@@ -152,11 +152,24 @@ def _multiple_choice(record, where):
   return MultipleChoiceExample(_string(record, "prompt", where), tuple(choices), answer, where)
 
 
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqExample:
+  """Issue 11: translation / summarization pairs for encoder-decoders (llmjax/data/seq2seq.py)."""
+  source: str
+  target: str
+  where: str = ""
+
+
+def _seq2seq(record, where):
+  return Seq2SeqExample(_string(record, "source", where), _string(record, "target", where), where)
+
+
 register_format("text", ("text",), _text)
 register_format("prompt_completion", ("prompt", "completion"), _prompt_completion)
 register_format("chat", ("messages",), _chat)
 register_format("classification", ("text", "label"), _classification)
 register_format("multiple_choice", ("prompt", "choices", "answer"), _multiple_choice)
+register_format("seq2seq", ("source", "target"), _seq2seq)
 
 
 def detect_format(record: dict, where: str) -> str:

@@ -66,6 +66,12 @@ class HFTokenizer:
       self.add_bos = bool(cfg.get("add_bos_token", False)) and self.bos_id is not None
       self.add_eos = bool(cfg.get("add_eos_token", False)) and self.eos_id is not None
 
+  def token_id(self, piece: str) -> int | None:
+    """The id of a token string (e.g. T5's '<extra_id_0>'), or None if it is not one token."""
+    if self.backend == "tokenizers":
+      return self._tok.token_to_id(piece)
+    return self._sp_lookup(piece)
+
   def _sp_lookup(self, piece: str) -> int | None:
     i = self._sp.piece_to_id(piece)
     return i if self._sp.id_to_piece(i) == piece else None  # unknown pieces map to <unk>

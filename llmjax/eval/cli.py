@@ -34,6 +34,7 @@ flags.DEFINE_float("top_p", 1.0, "Generation: nucleus mass (1: all).")
 flags.DEFINE_integer("seed", 0, "Generation: seed of the sampler.")
 flags.DEFINE_multi_string("stop", [], "Generation: stop a completion at this string; repeatable.")
 flags.DEFINE_integer("batch_size", 16, "Rows per forward pass / generation batch.")
+flags.DEFINE_integer("num_beams", 1, "seq2seq generation: beam search with this many beams.")
 FLAGS = flags.FLAGS
 
 
@@ -64,6 +65,8 @@ def _check_flags() -> None:
     fail(f"--output={FLAGS.output} exists; choose another path or pass --overwrite")
   if FLAGS.batch_size < 1:
     fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
+  if FLAGS.num_beams < 1:
+    fail(f"--num_beams={FLAGS.num_beams} must be at least 1 (1: no beam search)")
   if FLAGS.max_new_tokens < 1:
     fail(f"--max_new_tokens={FLAGS.max_new_tokens} must be at least 1")
 
@@ -81,7 +84,7 @@ def main(argv):
   from llmjax.generate import GenerateError
   options = Options(metrics=FLAGS.metrics, max_new_tokens=FLAGS.max_new_tokens,
                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                    seed=FLAGS.seed, stop=FLAGS.stop)
+                    seed=FLAGS.seed, stop=FLAGS.stop, num_beams=FLAGS.num_beams)
   try:
     summary, predictions = runner.evaluate_file(
         FLAGS.workdir, FLAGS.data, step=FLAGS.step, fmt=FLAGS.format, options=options,

@@ -33,6 +33,13 @@ def evaluate_file(workdir: str, data: str, *, step=None, fmt: str | None = None,
     raise TaskError(f"--data={data} holds {fmt} examples, which llmjax.evaluate cannot evaluate; "
                     f"it evaluates {', '.join(sorted(TASKS))} data")
   run = loading.load(workdir, parse_step(step))
+  family = run.model_config.family
+  if task.families and family not in task.families:
+    raise TaskError(f"--data={data} holds {fmt} examples, which need an encoder-decoder "
+                    f"({', '.join(task.families)}), but {workdir} is a {family} model")
+  if not task.families and family == "encoder_decoder":
+    raise TaskError(f"--data={data} holds {fmt} examples, but {workdir} is an encoder-decoder: "
+                    "evaluate it on {\"source\", \"target\"} (seq2seq) data")
   head = run.model_config.num_labels
   if task.needs_lm_head and head:
     raise TaskError(f"--data={data} holds {fmt} examples, which need a language-model head, but "

@@ -31,6 +31,7 @@ class Options:
   top_p: float = 1.0
   seed: int = 0
   stop: Sequence[str] = ()
+  num_beams: int = 1                     # issue 11: beam search (seq2seq generation)
 
 
 @dataclasses.dataclass
@@ -54,15 +55,19 @@ class Task:
   metrics: tuple[str, ...]            # what --metrics may choose from
   default_metrics: tuple[str, ...]
   needs_lm_head: bool = True          # False: needs a classification head instead
+  # issue 11: the model families the task runs on; None: those that take plain token inputs
+  # (every family but 'encoder_decoder').
+  families: tuple[str, ...] | None = None
 
 
 TASKS: dict[str, Task] = {}
 
 
 def register(fmt: str, metrics: Sequence[str], default_metrics: Sequence[str] | None = None,
-             needs_lm_head: bool = True):
+             needs_lm_head: bool = True, families: Sequence[str] | None = None):
   def wrap(fn):
-    TASKS[fmt] = Task(fmt, fn, tuple(metrics), tuple(default_metrics or metrics), needs_lm_head)
+    TASKS[fmt] = Task(fmt, fn, tuple(metrics), tuple(default_metrics or metrics), needs_lm_head,
+                      tuple(families) if families else None)
     return fn
   return wrap
 
@@ -280,3 +285,7 @@ def evaluate_classification(ctx: Context, examples) -> Result:
 def finite(metrics: dict) -> dict:
   """JSON has no NaN: metrics that are undefined (e.g. no examples) become null."""
   return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+# issue 11: encoder-decoder tasks register themselves here.
+from llmjax.eval import seq2seq_task  # noqa: E402,F401

@@ -5,10 +5,11 @@ module by `cfg.family` from FAMILIES (issue 11 adds "encoder" and "encoder_decod
 """
 from llmjax.model.config import TransformerConfig, num_params
 from llmjax.model.encoder import Encoder
+from llmjax.model.encoder_decoder import EncoderDecoder
 from llmjax.model.transformer import REMAT_POLICIES, Transformer, pool_hidden, unstack_layers
 
 # model family -> linen module class taking the TransformerConfig as its only field
-FAMILIES = {"decoder": Transformer, "encoder": Encoder}
+FAMILIES = {"decoder": Transformer, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
 
 
 def build_model(cfg: TransformerConfig):
@@ -17,5 +18,5 @@ def build_model(cfg: TransformerConfig):
   return FAMILIES[cfg.family](cfg)
 
 
-__all__ = ["TransformerConfig", "Transformer", "Encoder", "REMAT_POLICIES", "FAMILIES",
-           "build_model", "num_params", "pool_hidden", "unstack_layers"]
+__all__ = ["TransformerConfig", "Transformer", "Encoder", "EncoderDecoder", "REMAT_POLICIES",
+           "FAMILIES", "build_model", "num_params", "pool_hidden", "unstack_layers"]

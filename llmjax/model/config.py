@@ -21,7 +21,7 @@ class TransformerConfig:
   head_dim: int = 0            # 0 -> embed_dim // num_heads
   mlp_dim: int = 0             # 0 -> 4 * embed_dim
   max_seq_len: int = 256
-  position: str = "learned"    # 'learned' | 'rotary' | 'sinusoidal' (the original Transformer's) | 'none'
+  position: str = "learned"    # 'learned' | 'rotary' | 'sinusoidal' (the original Transformer's) | 'relative' (T5 bias) | 'none'
   rope_theta: float = 10000.0
   # RoPE frequency scaling for long context (as in Hugging Face's rope_scaling / rope_parameters):
   # 'none'; 'linear' (every frequency / factor); 'llama3' (Llama 3.1: low frequencies / factor,
@@ -33,7 +33,7 @@ class TransformerConfig:
   rope_original_max_len: int = 8192
   norm: str = "layernorm"      # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
-  mlp: str = "gelu"            # 'gelu' | 'swiglu'
+  mlp: str = "gelu"            # 'gelu' | 'swiglu' | 'relu' (T5 v1.0) | 'geglu' (T5 v1.1 gated GELU)
   gelu_approximate: bool = True  # tanh GELU (GPT-2's "gelu_new"); False: exact erf GELU (nanoGPT)
   use_bias: bool = True
   tie_embeddings: bool = True
@@ -56,10 +56,23 @@ class TransformerConfig:
   type_vocab_size: int = 0     # token-type (segment A/B) embeddings; 0 -> none (BERT: 2)
   pooler: bool = False         # encoder: dense + tanh on the first ([CLS]) token
   nsp_head: bool = False       # encoder: next-sentence prediction (2 classes) on the pooled output
+  # -- encoder-decoder models (issue 11; family 'encoder_decoder', llmjax.model.encoder_decoder) --
+  encoder_layers: int = 0      # encoder depth of an encoder-decoder (0 -> num_layers)
+  share_embeddings: bool = True  # encoder and decoder read one token table (T5's `shared`)
+  relative_buckets: int = 32   # position='relative': T5 relative-position buckets per direction pair
+  relative_max_distance: int = 128  # distances beyond this share the last bucket
+  scale_attention: bool = True  # False: scores are q.k without 1/sqrt(head_dim) (T5 folds it in init)
+  scale_decoder_outputs: bool = False  # hidden * embed_dim**-0.5 before the head (T5 v1.0, tied)
+  decoder_start_id: int = 0    # the token the decoder starts from (T5: pad = 0)
+
   # Sequence classification (issue 9): > 0 puts a `classifier` head (embed -> num_labels) on the
   # pooled final hidden state, and the model returns label logits [batch, num_labels] instead of
   # token logits: the last real token for causal models, the first for bidirectional ones.
   num_labels: int = 0
+
+  @property
+  def num_encoder_layers(self) -> int:
+    return self.encoder_layers or self.num_layers
 
   @property
   def kv_heads(self) -> int:
@@ -100,6 +113,9 @@ class TransformerConfig:
 
 def num_params(cfg: TransformerConfig, include_embeddings: bool = True) -> int:
   """Parameter count from the config alone (matches the initialized tree; tested)."""
+  if cfg.family == "encoder_decoder":
+    from llmjax.model.encoder_decoder import num_params as encoder_decoder_params
+    return encoder_decoder_params(cfg, include_embeddings)
   d, h, kv, hd, f, v = (cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
                         cfg.hidden_dim, cfg.vocab_size)
   b = 1 if cfg.use_bias else 0

@@ -134,7 +134,8 @@ class Norm(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU (GPT-2: fc -> gelu -> proj) or SwiGLU (Llama: silu(gate) * up -> down)."""
+  """GELU (GPT-2: fc -> gelu -> proj), ReLU (T5 v1.0), SwiGLU (Llama: silu(gate) * up -> down) or
+  GeGLU (T5 v1.1: gelu(gate) * up -> down)."""
   cfg: TransformerConfig
 
   @nn.compact
@@ -147,11 +148,15 @@ class Mlp(nn.Module):
       gate = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="gate")(x)
       up = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="up")(x)
       h = nn.silu(gate) * up
-    elif cfg.mlp == "gelu":
+    elif cfg.mlp == "geglu":  # T5 v1.1's gated GELU: gelu(gate) * up -> down
+      gate = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="gate")(x)
+      up = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="up")(x)
+      h = nn.gelu(gate, approximate=cfg.gelu_approximate) * up
+    elif cfg.mlp in ("gelu", "relu"):
       h = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="fc")(x)
-      h = nn.gelu(h, approximate=cfg.gelu_approximate)
+      h = nn.relu(h) if cfg.mlp == "relu" else nn.gelu(h, approximate=cfg.gelu_approximate)
     else:
-      raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {cfg.mlp!r}")
+      raise ValueError(f"model.mlp must be 'gelu', 'swiglu', 'relu' or 'geglu', got {cfg.mlp!r}")
     h = constrain(h, ("batch", "length", "mlp"))
     out = DenseGeneral(cfg, (cfg.embed_dim,), ("mlp", "embed"), use_bias=cfg.use_bias,
                        std=out_std, name="proj")(h)
@@ -192,3 +197,44 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float,
   x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def sinusoidal_positions(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:
+  """The original Transformer's position encodings for integer `positions` [...]: [..., dim] with
+  sin(p / 10000^(2i/dim)) in the first half and cos in the second (tensor2tensor's layout)."""
+  half = dim // 2
+  inv = 1.0 / (max_timescale ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions[..., None].astype(jnp.float32) * inv
+  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, dim - 2 * half)])
+
+
+def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """T5's bucket of each relative position (key position - query position): half the buckets hold
+  exact small distances, the rest grow logarithmically up to max_distance (farther shares the
+  last bucket). Bidirectional (encoder) splits the buckets between the two directions; causal
+  (decoder) gives every future position bucket 0."""
+  bucket = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (relative > 0).astype(relative.dtype) * num_buckets
+    distance = jnp.abs(relative)
+  else:
+    distance = -jnp.minimum(relative, 0)
+  max_exact = num_buckets // 2
+  is_small = distance < max_exact
+  # Float32 like the reference, so the bucket boundaries fall on the same distances.
+  scaled = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+            / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+  large = jnp.minimum(max_exact + scaled.astype(relative.dtype), num_buckets - 1)
+  return bucket + jnp.where(is_small, distance, large)
+
+
+def relative_bias(table: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
+                  bidirectional: bool, max_distance: int) -> jax.Array:
+  """Attention score bias [batch, heads, q, k] from a learned table [buckets, heads]."""
+  relative = k_positions[:, None, :] - q_positions[:, :, None]           # [batch, q, k]
+  buckets = relative_position_bucket(relative.astype(jnp.int32), bidirectional, table.shape[0],
+                                     max_distance)
+  return jnp.take(table, buckets, axis=0).transpose(0, 3, 1, 2)

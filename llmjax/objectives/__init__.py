@@ -49,5 +49,12 @@ register("classification")(Classification)
 from llmjax.objectives.dpo import DPO  # noqa: E402  (issue 10)
 register("dpo")(DPO)
 
+# issue 11: encoder-decoders
+from llmjax.objectives.seq2seq import Seq2Seq  # noqa: E402
+from llmjax.objectives.span_corruption import SpanCorruption  # noqa: E402
+
+register("seq2seq")(Seq2Seq)
+register("span_corruption")(SpanCorruption)
+
 __all__ = ["DPO", "Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
-           "CausalLM", "MaskedLM", "Classification"]
+           "CausalLM", "MaskedLM", "Classification", "Seq2Seq", "SpanCorruption"]

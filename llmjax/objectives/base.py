@@ -42,6 +42,16 @@ class Objective:
   reports_bits_per_byte = False
   # extra keyword arguments for llmjax.data.load_dataset (e.g. {"classification": True})
   data_options: dict = {}
+  # Issue 11: model families this objective trains (config validation checks model.family);
+  # None: any family that takes plain token inputs (every one but 'encoder_decoder').
+  families: tuple | None = None
+
+  @classmethod
+  def load_dataset(cls, config, tokenizer=None, **options):
+    """The dataset the loop draws this objective's batches from (default: llmjax.data's
+    load_dataset with `data_options`). Objectives with their own rows (seq2seq) override it."""
+    from llmjax.data import load_dataset
+    return load_dataset(config.data, config.train.seed, tokenizer, **options)
 
   def __init__(self, config, model_config):
     self.config = config
