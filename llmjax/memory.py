@@ -130,10 +130,20 @@ def fit(config, mesh, model_config, batch_keys=(), log=print):
     fixed = first["peak_bytes"] - first["temp_bytes"] + first["params_bytes"]
     room = limit - fixed
     start = math.ceil(first["temp_bytes"] / room) if room > 0 else choices[-1]
+    tried = {choices[0]: first}
     for accum in [a for a in choices if a >= max(start, 2)] or choices[-1:]:
       program = build(accum)
-      stats = step_memory(program, batch_keys)
+      stats = tried[accum] = step_memory(program, batch_keys)
       if stats is None or stats["peak_bytes"] <= limit:
+        # The prediction may overshoot: step down while a smaller count also fits.
+        smaller = [a for a in choices if a < accum]
+        while smaller and smaller[-1] not in tried:
+          candidate = build(smaller.pop())
+          found = tried[t.grad_accum_steps] = step_memory(candidate, batch_keys)
+          if found is not None and found["peak_bytes"] > limit:
+            break
+          program, stats, accum = candidate, found, t.grad_accum_steps
+        t.grad_accum_steps = accum
         log(f"train.grad_accum_steps=auto: {accum} micro-batches of "
             f"{config.data.batch_size // accum} sequences fit ({_gib(stats['peak_bytes'])} of "
             f"{_gib(limit)}, {source}; without accumulation the step needs "
