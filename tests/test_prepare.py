@@ -365,3 +365,13 @@ def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path)
     assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes(), f
   assert not any(out.rglob("*.tmp")) and not (out / "progress.json").exists()
   assert killed >= 1, "no kill landed in the middle of a run"
+
+
+def test_the_first_document_always_lands_in_validation(tmp_path):
+  """A small corpus with the default --val_fraction=0.001 still gets a validation split."""
+  src = tmp_path / "small.jsonl"
+  src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:30]))
+  assert preplib.main([f"--input={src}", f"--output={tmp_path}/o", "--tokenizer=byte",
+                       "--noprogress", "--num_workers=1"]) == 0
+  val = bytes(all_tokens(tmp_path / "o", "val").astype(np.uint8)).decode()
+  assert val.startswith(DOCS[0] + "\n\n")

@@ -6,8 +6,9 @@
 Then train with --config.data.path=data/web. Inputs: text files (one file = one document), JSON
 Lines, Parquet, local Hugging Face `datasets` directories; .gz/.zst compressed text and JSON Lines.
 Documents end with the tokenizer's EOS (tokenizers without one, such as 'byte', get a blank line).
-Validation documents are held out by a hash of (seed, document), so a document's split never depends
-on the worker count, and the whole output is a function of the inputs and options alone.
+Validation documents are held out by a hash of (seed, document) (and the first document always, so
+the split is never empty): a document's split never depends on the worker count, and the whole
+output is a function of the inputs and options alone.
 
 Work units (readers.Task) are tokenized by a process pool and written back in input order: at most
 2 units per worker are in flight, so memory stays flat however large the corpus. Each shard is
@@ -230,9 +231,11 @@ def tokenize_task(index: int) -> dict:
   ends = {s: [] for s in SPLITS}
   sizes = {s: 0 for s in SPLITS}
   doc = 0
+  # the corpus's first document always goes to validation, so that split is never empty
+  first = task.doc_key == _W["tasks"][0].doc_key and (task.kind == "text" or index == 0)
   for text, doc_end in readers.documents(task, _W["text_key"]):
-    split = "val" if _is_val(_W["seed"], task.doc_key, 0 if task.kind == "text" else doc,
-                             _W["val_fraction"]) else "train"
+    split = "val" if (first and doc == 0) or _is_val(
+        _W["seed"], task.doc_key, 0 if task.kind == "text" else doc, _W["val_fraction"]) else "train"
     ids = tok.encode_array(text) if text else np.empty(0, np.int32)
     parts[split].append(ids)
     sizes[split] += len(ids)
