@@ -214,7 +214,7 @@ def _init_worker(tokenizer_dir: str, tasks, text_key: str, val_fraction: float, 
   tok = load_tokenizer(tokenizer_dir)
   end = [tok.eos_id] if tok.eos_id is not None else tok.encode("\n\n")
   _W.update(tok=tok, tasks=tasks, text_key=text_key, val_fraction=val_fraction, seed=seed,
-            end=np.asarray(end, np.int64), dtype=np.dtype(dtype))
+            end=np.asarray(end, np.int32), dtype=np.dtype(dtype))
 
 
 def _is_val(seed: int, doc_key: str, index: int, val_fraction: float) -> bool:
@@ -246,7 +246,7 @@ def tokenize_task(index: int) -> dict:
       doc += 1
   out = {"bytes": task.size}
   for s in SPLITS:
-    tokens = np.concatenate(parts[s]) if parts[s] else np.empty(0, np.int64)
+    tokens = np.concatenate(parts[s]) if parts[s] else np.empty(0, np.int32)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
       raise DataError(f"{task.path}: token id {int(tokens.max())} does not fit {dtype}")
     out[s] = (tokens.astype(dtype), np.asarray(ends[s], np.int64))
