@@ -33,12 +33,18 @@ setup(
             "torch==2.13.0",
             "transformers>=5.23,<6",
             "tokenizers>=0.23.1,<0.24",
+            # issue 13: prepare's Parquet/zstd/HF-datasets inputs, and the SIGKILL test
+            "pyarrow>=15", "zstandard>=0.22", "datasets>=2.18", "psutil>=5.9",
         ],
+        # llmjax.data.prepare inputs beyond text/JSONL/gzip: Parquet and HF `datasets` directories
+        # (pyarrow) and .zst files (zstandard); imported only when such an input is given
+        "data": ["pyarrow>=15", "zstandard>=0.22"],
         # Hugging Face import/export: tokenizer.json needs `tokenizers`; loading by hub id needs
         # huggingface_hub. Weights themselves need only safetensors (a core dependency).
         "hf": ["tokenizers>=0.23.1", "huggingface_hub>=1.31"],
         # benchmarks/nanogpt_reference.py: the PyTorch nanoGPT twin timed against llmjax
-        "bench": ["torch>=2.1"],  # measured with torch 2.13.0 (CPU wheel)
+        "bench": ["torch>=2.1",  # measured with torch 2.13.0 (CPU wheel)
+                  "psutil>=5.9"],  # prepare_corpus.py / first_step.py: RSS and CPU of process trees
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -343,6 +343,7 @@ def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path)
   import signal
   import subprocess
   import time
+  import psutil
   write_corpus(tmp_path / "in")
   args = [f"--input={tmp_path}/in/*", "--tokenizer=byte", "--shard_tokens=5000",
           "--val_fraction=0.1", "--chunk_mb=0.01", "--noprogress"]
@@ -357,8 +358,14 @@ def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path)
     while not (out / "progress.json").exists() and proc.poll() is None and time.time() < deadline:
       time.sleep(0.005)
     time.sleep(rng.uniform(0.0, 0.3))
+    try:
+      workers = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+      workers = []
     proc.send_signal(signal.SIGKILL)
     killed += proc.wait() == -signal.SIGKILL and (out / "progress.json").exists()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"pool workers outlived the killed prepare: {alive}"
   assert run_cli(cmd[1:]).returncode == 0
   ref = tmp_path / "ref"
   for f in sorted(p for p in ref.rglob("*") if p.is_file()):

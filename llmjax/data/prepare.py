@@ -163,7 +163,8 @@ def make_tokenizer(args, tasks, out: Path, workers: int):
     budget = max(int(args.sp_sample_mb * (1 << 20)) // len(tasks), 1)
     jobs = [(t, args.text_key, budget) for t in tasks]
     if workers > 1:
-      with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+      with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                  initializer=_die_with_parent) as pool:
         parts = list(pool.map(_sample_task, jobs))
     else:
       parts = list(map(_sample_task, jobs))
@@ -208,8 +209,23 @@ def _sample_task(arg) -> str:
 _W: dict = {}
 
 
+def _die_with_parent() -> None:
+  """A pool worker must not outlive prepare when prepare itself is killed (SIGKILL, the OOM
+  killer): on Linux the kernel sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG)."""
+  try:
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass  # not Linux: a killed prepare may leave idle workers behind
+
+
 def _init_worker(tokenizer_dir: str, tasks, text_key: str, val_fraction: float, seed: int,
-                 dtype: str) -> None:
+                 dtype: str, parent: int | None = None) -> None:
+  if parent is not None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+      os._exit(1)
   from llmjax.data.tokenizers import load_tokenizer
   tok = load_tokenizer(tokenizer_dir)
   end = [tok.eos_id] if tok.eos_id is not None else tok.encode("\n\n")
@@ -418,7 +434,7 @@ def _tokenized(indices, workers: int, init):
     return
   ctx = multiprocessing.get_context("fork")
   with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                              initargs=init) as pool:
+                              initargs=(*init, os.getpid())) as pool:
     pending, it = [], iter(indices)
     try:
       for i in it:
