@@ -41,18 +41,21 @@ setup(
             "tokenizers>=0.23.1,<0.24",
             "lm-eval>=0.4.13,<0.5",  # tests/test_evaluate_cli.py: the lm-eval adapter
             "scikit-learn>=1.3",     # tests/test_eval_metrics.py: macro-F1 / confusion reference
-            "pyarrow>=14", "datasets>=2.14",  # tests/test_formats.py: Parquet and datasets dirs
             "peft>=0.17,<1",         # tests/test_peft.py: LoRA adapters both ways (tested with 0.21.2)
+            # Parquet / HF-datasets task files and corpora, .zst corpora, and the SIGKILL test
+            "pyarrow>=15", "zstandard>=0.22", "datasets>=2.18", "psutil>=5.9",
         ],
         # python -m llmjax.lm_eval: lm-evaluation-harness tasks on a run (tested with 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5"],
+        # Parquet files and HF `datasets` save_to_disk directories (task data and corpora), .zst
+        # corpora; imported only when such an input is given
+        "data": ["pyarrow>=15", "datasets>=2.18", "zstandard>=0.22"],
         # Hugging Face import/export: tokenizer.json needs `tokenizers`; loading by hub id needs
         # huggingface_hub. Weights themselves need only safetensors (a core dependency).
         "hf": ["tokenizers>=0.23.1", "huggingface_hub>=1.31"],
         # benchmarks/nanogpt_reference.py: the PyTorch nanoGPT twin timed against llmjax
-        "bench": ["torch>=2.1"],  # measured with torch 2.13.0 (CPU wheel)
-        # task data in Parquet files / `datasets` save_to_disk directories (llmjax/data/formats.py)
-        "data": ["pyarrow>=14", "datasets>=2.14"],
+        "bench": ["torch>=2.1",  # measured with torch 2.13.0 (CPU wheel)
+                  "psutil>=5.9"],  # prepare_corpus.py / first_step.py: RSS and CPU of process trees
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

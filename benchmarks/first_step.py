@@ -42,7 +42,6 @@ def child(data_path: str) -> None:
   import psutil
   born = psutil.Process().create_time()
   import jax
-  from ml_collections import config_flags  # noqa: F401 - same imports as llmjax.main
   from llmjax import loop
   sys.path.insert(0, str(ROOT / "experiments"))
   import shakespeare_char

@@ -343,6 +343,7 @@ def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path)
   import signal
   import subprocess
   import time
+  import psutil
   write_corpus(tmp_path / "in")
   args = [f"--input={tmp_path}/in/*", "--tokenizer=byte", "--shard_tokens=5000",
           "--val_fraction=0.1", "--chunk_mb=0.01", "--noprogress"]
@@ -357,11 +358,27 @@ def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path)
     while not (out / "progress.json").exists() and proc.poll() is None and time.time() < deadline:
       time.sleep(0.005)
     time.sleep(rng.uniform(0.0, 0.3))
+    try:
+      workers = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+      workers = []
     proc.send_signal(signal.SIGKILL)
     killed += proc.wait() == -signal.SIGKILL and (out / "progress.json").exists()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"pool workers outlived the killed prepare: {alive}"
   assert run_cli(cmd[1:]).returncode == 0
   ref = tmp_path / "ref"
   for f in sorted(p for p in ref.rglob("*") if p.is_file()):
     assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes(), f
   assert not any(out.rglob("*.tmp")) and not (out / "progress.json").exists()
   assert killed >= 1, "no kill landed in the middle of a run"
+
+
+def test_the_first_document_always_lands_in_validation(tmp_path):
+  """A small corpus with the default --val_fraction=0.001 still gets a validation split."""
+  src = tmp_path / "small.jsonl"
+  src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:30]))
+  assert preplib.main([f"--input={src}", f"--output={tmp_path}/o", "--tokenizer=byte",
+                       "--noprogress", "--num_workers=1"]) == 0
+  val = bytes(all_tokens(tmp_path / "o", "val").astype(np.uint8)).decode()
+  assert val.startswith(DOCS[0] + "\n\n")

@@ -3,7 +3,6 @@
 corpus against the run at start, and split rows between processes exactly like one process does."""
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -6,8 +6,9 @@
 Then train with --config.data.path=data/web. Inputs: text files (one file = one document), JSON
 Lines, Parquet, local Hugging Face `datasets` directories; .gz/.zst compressed text and JSON Lines.
 Documents end with the tokenizer's EOS (tokenizers without one, such as 'byte', get a blank line).
-Validation documents are held out by a hash of (seed, document), so a document's split never depends
-on the worker count, and the whole output is a function of the inputs and options alone.
+Validation documents are held out by a hash of (seed, document) (and the first document always, so
+the split is never empty): a document's split never depends on the worker count, and the whole
+output is a function of the inputs and options alone.
 
 Work units (readers.Task) are tokenized by a process pool and written back in input order: at most
 2 units per worker are in flight, so memory stays flat however large the corpus. Each shard is
@@ -162,7 +163,8 @@ def make_tokenizer(args, tasks, out: Path, workers: int):
     budget = max(int(args.sp_sample_mb * (1 << 20)) // len(tasks), 1)
     jobs = [(t, args.text_key, budget) for t in tasks]
     if workers > 1:
-      with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+      with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                  initializer=_die_with_parent) as pool:
         parts = list(pool.map(_sample_task, jobs))
     else:
       parts = list(map(_sample_task, jobs))
@@ -207,13 +209,28 @@ def _sample_task(arg) -> str:
 _W: dict = {}
 
 
+def _die_with_parent() -> None:
+  """A pool worker must not outlive prepare when prepare itself is killed (SIGKILL, the OOM
+  killer): on Linux the kernel sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG)."""
+  try:
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass  # not Linux: a killed prepare may leave idle workers behind
+
+
 def _init_worker(tokenizer_dir: str, tasks, text_key: str, val_fraction: float, seed: int,
-                 dtype: str) -> None:
+                 dtype: str, parent: int | None = None) -> None:
+  if parent is not None:
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+      os._exit(1)
   from llmjax.data.tokenizers import load_tokenizer
   tok = load_tokenizer(tokenizer_dir)
   end = [tok.eos_id] if tok.eos_id is not None else tok.encode("\n\n")
   _W.update(tok=tok, tasks=tasks, text_key=text_key, val_fraction=val_fraction, seed=seed,
-            end=np.asarray(end, np.int64), dtype=np.dtype(dtype))
+            end=np.asarray(end, np.int32), dtype=np.dtype(dtype))
 
 
 def _is_val(seed: int, doc_key: str, index: int, val_fraction: float) -> bool:
@@ -230,9 +247,11 @@ def tokenize_task(index: int) -> dict:
   ends = {s: [] for s in SPLITS}
   sizes = {s: 0 for s in SPLITS}
   doc = 0
+  # the corpus's first document always goes to validation, so that split is never empty
+  first = task.doc_key == _W["tasks"][0].doc_key and (task.kind == "text" or index == 0)
   for text, doc_end in readers.documents(task, _W["text_key"]):
-    split = "val" if _is_val(_W["seed"], task.doc_key, 0 if task.kind == "text" else doc,
-                             _W["val_fraction"]) else "train"
+    split = "val" if (first and doc == 0) or _is_val(
+        _W["seed"], task.doc_key, 0 if task.kind == "text" else doc, _W["val_fraction"]) else "train"
     ids = tok.encode_array(text) if text else np.empty(0, np.int32)
     parts[split].append(ids)
     sizes[split] += len(ids)
@@ -243,7 +262,7 @@ def tokenize_task(index: int) -> dict:
       doc += 1
   out = {"bytes": task.size}
   for s in SPLITS:
-    tokens = np.concatenate(parts[s]) if parts[s] else np.empty(0, np.int64)
+    tokens = np.concatenate(parts[s]) if parts[s] else np.empty(0, np.int32)
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
       raise DataError(f"{task.path}: token id {int(tokens.max())} does not fit {dtype}")
     out[s] = (tokens.astype(dtype), np.asarray(ends[s], np.int64))
@@ -415,7 +434,7 @@ def _tokenized(indices, workers: int, init):
     return
   ctx = multiprocessing.get_context("fork")
   with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                              initargs=init) as pool:
+                              initargs=(*init, os.getpid())) as pool:
     pending, it = [], iter(indices)
     try:
       for i in it:

@@ -49,6 +49,16 @@ class Task:
     return self.path if self.kind == "text" else self.key
 
 
+def _optional(module: str, what: str):
+  """pyarrow / zstandard are needed only for some inputs: a missing one is a one-line error."""
+  import importlib
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise DataError(f"{what} needs the `{module.split('.')[0]}` package: pip install "
+                    "llmjax[data]") from None
+
+
 def _kind(path: str) -> tuple[str, str]:
   name = path.lower()
   compression = ""
@@ -113,7 +123,7 @@ def plan_tasks(sources: list[str], text_key: str, chunk_bytes: int = CHUNK_BYTES
       continue
     kind, compression = _kind(path)
     if kind == "parquet":
-      import pyarrow.parquet as pq
+      pq = _optional("pyarrow.parquet", f"{path} (Parquet)")
       try:
         pf = pq.ParquetFile(path)
       except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -161,7 +171,7 @@ def _newline_bounds(path: str, size: int, chunk_bytes: int) -> list[int]:
 
 
 def _check_arrow_column(path: str, text_key: str) -> None:
-  import pyarrow as pa
+  pa = _optional("pyarrow", f"{path} (a Hugging Face dataset)")
   try:
     with pa.memory_map(path) as source:
       names = pa.ipc.open_stream(source).schema.names
@@ -176,7 +186,7 @@ def _open_binary(task: Task):
   if task.compression == "gzip":
     return gzip.open(task.path, "rb")
   if task.compression == "zstd":
-    import zstandard
+    zstandard = _optional("zstandard", f"{task.path} (zstd)")
     return zstandard.ZstdDecompressor().stream_reader(open(task.path, "rb"), closefd=True)
   f = open(task.path, "rb")
   f.seek(task.start)
