@@ -69,7 +69,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
     cfglib.validate(config, num_devices=jax.device_count())
   mesh = shd.make_mesh(config)
   loaded = runs.load_run(workdir, step, mesh=mesh)
-  dataset = load_dataset(loaded.config.data, loaded.config.train.seed, loaded.tokenizer)
+  from llmjax import objectives
+  dataset = load_dataset(loaded.config.data, loaded.config.train.seed, loaded.tokenizer,
+                         **objectives.data_options(loaded.config, workdir))
   t = loaded.config.train
   eval_step = jax.jit(trainlib.make_eval_step(loaded.model, loaded.objective, seed=t.seed))
   batch_fn = lambda i: shd.put_batch(
@@ -77,7 +79,10 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, override=None) ->
                     jax.process_count()), mesh)
   import flax.linen as nn
   with shd.use_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
-    result = evaluate_params(eval_step, loaded.params, batch_fn, config.train.eval_batches,
+    num_batches = config.train.eval_batches
+    if hasattr(dataset, "num_batches"):  # task data: the whole validation set once
+      num_batches = dataset.num_batches("val", loaded.config.data.batch_size)
+    result = evaluate_params(eval_step, loaded.params, batch_fn, num_batches,
                              loaded.tokenizer, bytes_per_token(loaded.tokenizer, dataset.val),
                              loaded.objective)
   result = {"step": loaded.step, **result}

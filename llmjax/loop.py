@@ -198,14 +198,8 @@ class Run:
 
 # -- issue 9: task data ----------------------------------------------------------------------------
 def _task_options(config, resumed_workdir) -> dict:
-  """Extra load_dataset arguments the objective asks for (e.g. classification labels); a resumed
-  run reuses the label mapping it saved."""
   from llmjax import objectives
-  options = dict(objectives.get(config.train.objective).data_options)
-  if options.get("classification") and resumed_workdir is not None:
-    from llmjax.data.task_data import read_labels
-    options["labels"] = read_labels(resumed_workdir)
-  return options
+  return objectives.data_options(config, resumed_workdir)
 
 
 def _apply_data_to_config(config, dataset) -> None:

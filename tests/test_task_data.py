@@ -216,3 +216,28 @@ def test_sft_resumes_bit_for_bit_mid_epoch_and_epochs_set_steps(tmp_path):
   assert train(read(a)) == train(read(b))
   val = lambda recs: [r["loss"] for r in recs if r["split"] == "val"][-1]
   assert val(read(a)) == val(read(b))
+
+
+def test_classification_run_end_to_end(tmp_path):
+  """train.objective=classification from {"text", "label"} JSONL: num_labels from the data, the
+  label mapping saved with the run, val accuracy/macro-F1, and --mode=eval reproduces them."""
+  rng = np.random.default_rng(0)
+  rows = [{"text": f"{w} {w} {i}", "label": "pos" if w == "good" else "neg"}
+          for i, w in enumerate(rng.choice(["good", "bad"], 40))]
+  train = write(tmp_path / "train.jsonl", rows[:32])
+  val = write(tmp_path / "val.jsonl", rows[32:])
+  w = tmp_path / "cls"
+  proc = run_cli(["-m", "llmjax.main", f"--workdir={w}", *TINY, f"--config.data.path={train}",
+                  f"--config.data.val_path={val}", "--config.train.objective=classification",
+                  "--config.train.steps=12", "--config.data.tokenizer=char"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "2 labels: neg, pos" in proc.stdout
+  assert json.loads((w / "labels.json").read_text()) == {"labels": ["neg", "pos"]}
+  assert json.loads((w / "config.json").read_text())["model"]["num_labels"] == 2
+  final = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()][-1]
+  assert final["split"] == "val" and {"loss", "accuracy", "macro_f1"} <= set(final)
+  proc = run_cli(["-m", "llmjax.main", "--mode=eval", f"--workdir={w}"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  again = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert again["accuracy"] == final["accuracy"]
+  np.testing.assert_allclose(again["loss"], final["loss"], rtol=1e-6)

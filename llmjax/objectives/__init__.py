@@ -38,6 +38,16 @@ def build(config, model_config) -> Objective:
   return get(config.train.objective)(config, model_config)
 
 
+def data_options(config, run_dir=None) -> dict:
+  """load_dataset keywords the run's objective needs; with `run_dir` (resuming, evaluating) the
+  label mapping that run saved is reused."""
+  options = dict(get(config.train.objective).data_options)
+  if options.get("classification") and run_dir is not None:
+    from llmjax.data.task_data import read_labels
+    options["labels"] = read_labels(run_dir)
+  return options
+
+
 # The landed objectives (registration order = the order listed in errors and docs).
 from llmjax.objectives.causal_lm import CausalLM  # noqa: E402
 from llmjax.objectives.classification import Classification  # noqa: E402
@@ -48,4 +58,5 @@ register("masked_lm")(MaskedLM)
 register("classification")(Classification)
 
 __all__ = ["Objective", "BatchField", "all_trainable", "register", "names", "get", "build",
+           "data_options",
            "CausalLM", "MaskedLM", "Classification"]
