@@ -111,12 +111,12 @@ def unigram_baseline(workdir: Path) -> dict:
 
 
 def classify(workdir: Path, task: Path, pretrained: Path, seed: int, steps: int,
-             from_scratch: bool) -> dict:
+             from_scratch: bool, lr: float = 3e-4) -> dict:
   from llmjax import config as cfglib
   from llmjax import loop
   c = load_experiment("finetune", str(pretrained))
   c.data.update(path=str(task / "train.jsonl"), val_path=str(task / "test.jsonl"), packing=False)
-  c.optim.update(lr=3e-4, warmup_steps=20, schedule="linear", min_lr_ratio=0.0)
+  c.optim.update(lr=lr, warmup_steps=20, schedule="linear", min_lr_ratio=0.0)
   c.train.update(objective="classification", epochs=0, steps=steps, eval_every=0, seed=seed,
                  keep_best="", progress=False, tensorboard=False, log_every=50)
   if from_scratch:  # same architecture and tokenizer, random weights
@@ -140,6 +140,7 @@ def main():
   p.add_argument("--pretrain_steps", type=int, default=600)
   p.add_argument("--finetune_steps", type=int, default=200)
   p.add_argument("--seeds", default="0")
+  p.add_argument("--finetune_lr", type=float, default=3e-4)
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "bert_finetune.json"))
   args = p.parse_args()
   work = Path(args.workdir)
@@ -153,8 +154,9 @@ def main():
   runs = {"pretrained": [], "scratch": []}
   for seed in seeds:
     for name in runs:
-      runs[name].append(classify(work / f"{name}_{seed}", work / "task", work / "pretrained",
-                                 seed, args.finetune_steps, from_scratch=name == "scratch"))
+      runs[name].append(classify(work / f"{name}_{seed}_lr{args.finetune_lr:g}", work / "task", work / "pretrained",
+                                 seed, args.finetune_steps, from_scratch=name == "scratch",
+                                 lr=args.finetune_lr))
   report["classification"] = {name: {"runs": r, "accuracy": spread([x["accuracy"] for x in r])}
                               for name, r in runs.items()}
   text = json.dumps(report, indent=2, default=float)
