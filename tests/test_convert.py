@@ -318,7 +318,8 @@ def test_pickle_only_directory_is_refused_with_a_fix(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "unsupported.*'bert'.*BertForMaskedLM"),
+    ({"model_type": "roberta", "architectures": ["RobertaForMaskedLM"]},
+     "unsupported.*'roberta'.*RobertaForMaskedLM"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
     ({"model_type": "mistral", "sliding_window": 64}, "sliding_window=64"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
