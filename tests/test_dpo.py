@@ -75,6 +75,10 @@ def test_dpo_loss_matches_a_direct_computation():
   final = objective.finalize({k: float(v) for k, v in sums.items()})
   np.testing.assert_allclose(final["loss"], want, rtol=1e-5)
   assert final["pairs"] == 1.0
+  # RPO: + alpha * the chosen response's mean NLL (3 response tokens here)
+  config.train.dpo_rpo_alpha = 0.5
+  rpo, _ = DPO(config, CFG).loss(model, params, batch, jax.random.key(0), True)
+  np.testing.assert_allclose(float(rpo), want + 0.5 * (-pc / 3), rtol=1e-5)
 
 
 def _flat(tree, prefix=""):
