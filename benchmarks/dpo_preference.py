@@ -128,7 +128,7 @@ def main() -> None:
   p.add_argument("--dpo_steps", type=int, default=300)
   p.add_argument("--beta", type=float, default=0.1)
   p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--rpo_alpha", type=float, default=0.0, help="train.dpo_rpo_alpha")
+  p.add_argument("--rpo_alpha", type=float, default=1.0, help="train.dpo_rpo_alpha (0: plain DPO)")
   p.add_argument("--train_prompts", type=int, default=1500)
   p.add_argument("--test_prompts", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)

@@ -165,7 +165,7 @@ def test_dpo_learns_a_synthetic_preference(tmp_path):
   before = bench.judge(str(tmp_path / "sft"), test)
   assert 0.25 < before["preference_accuracy"] < 0.75  # chance: the SFT data had no preference
   final = loop.train(bench.dpo_config(str(tmp_path / "sft"), paths["train"], paths["test"], 300,
-                                      0.1, 8), str(tmp_path / "dpo"))
+                                      0.1, 8, rpo_alpha=1.0), str(tmp_path / "dpo"))
   after = bench.judge(str(tmp_path / "dpo"), test)
   assert final["accuracy"] >= 0.9 and after["preference_accuracy"] >= 0.9
   assert after["greedy_follows"] >= 0.9
