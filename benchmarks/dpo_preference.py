@@ -76,14 +76,16 @@ def sft_config(train: str, steps: int):
   return c
 
 
-def dpo_config(sft: str, train: str, test: str, steps: int, beta: float, rank: int):
+def dpo_config(sft: str, train: str, test: str, steps: int, beta: float, rank: int,
+               rpo_alpha: float = 0.0):
   from llmjax import runs
   c = sft_config(train, steps)
   c.model = runs.read_config(sft).model
   c.data.update(val_path=test)
   c.lora.update(rank=rank, alpha=2.0 * rank, targets="all")
   c.optim.update(lr=2e-3, warmup_steps=10)
-  c.train.update(objective="dpo", dpo_beta=beta, init_from=sft, eval_batches=0)
+  c.train.update(objective="dpo", dpo_beta=beta, dpo_rpo_alpha=rpo_alpha, init_from=sft,
+                 eval_batches=0)
   return c
 
 
@@ -126,6 +128,7 @@ def main() -> None:
   p.add_argument("--dpo_steps", type=int, default=300)
   p.add_argument("--beta", type=float, default=0.1)
   p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--rpo_alpha", type=float, default=1.0, help="train.dpo_rpo_alpha (0: plain DPO)")
   p.add_argument("--train_prompts", type=int, default=1500)
   p.add_argument("--test_prompts", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)
@@ -147,7 +150,7 @@ def main() -> None:
   print(f"SFT model on held-out prompts: {result['before']}", flush=True)
   t0 = time.perf_counter()
   final = loop.train(dpo_config(str(tmp / "sft"), paths["train"], paths["test"], args.dpo_steps,
-                                args.beta, args.rank), str(tmp / "dpo"))
+                                args.beta, args.rank, args.rpo_alpha), str(tmp / "dpo"))
   result["dpo_s"] = time.perf_counter() - t0
   result["dpo_val"] = final
   result["after"] = judge(str(tmp / "dpo"), test)

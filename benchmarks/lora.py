@@ -67,8 +67,8 @@ def finetune_config(base: str, train: str, val: str, steps: int, lr: float, lora
 
 VARIANTS = {
     "full": None,
-    "lora_r8": dict(rank=8, alpha=16.0, targets="all"),
-    "qlora_r8": dict(rank=8, alpha=16.0, targets="all", base_dtype="int8"),
+    "lora_r8": dict(rank=8, alpha=16.0, targets="query,value"),
+    "qlora_r8": dict(rank=8, alpha=16.0, targets="query,value", base_dtype="int8"),
 }
 LRS = {"full": 1e-3, "lora_r8": 3e-3, "qlora_r8": 3e-3}
 

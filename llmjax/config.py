@@ -167,6 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.mesh.rules.lora_rank = ""  # the adapters' rank axis: replicated
   c.train.dpo_beta = 0.1       # DPO: strength of the pull towards the reference policy
+  c.train.dpo_rpo_alpha = 0.0  # DPO: + alpha * NLL of the chosen responses (RPO); 0 = plain DPO
   return c
 
 
@@ -358,6 +359,8 @@ def _validate_lora(config) -> None:
   _need(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (the adapter scale is alpha/rank)")
   _need(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
   _need(config.train.dpo_beta > 0, f"train.dpo_beta={config.train.dpo_beta} must be positive")
+  _need(config.train.dpo_rpo_alpha >= 0,
+        f"train.dpo_rpo_alpha={config.train.dpo_rpo_alpha} must be >= 0 (0: plain DPO)")
   if config.train.objective == "dpo":
     # the reference policy is the starting model with the adapters switched off: no second copy
     _need(bool(config.train.init_from),

@@ -75,6 +75,10 @@ def test_dpo_loss_matches_a_direct_computation():
   final = objective.finalize({k: float(v) for k, v in sums.items()})
   np.testing.assert_allclose(final["loss"], want, rtol=1e-5)
   assert final["pairs"] == 1.0
+  # RPO: + alpha * the chosen response's mean NLL (3 response tokens here)
+  config.train.dpo_rpo_alpha = 0.5
+  rpo, _ = DPO(config, CFG).loss(model, params, batch, jax.random.key(0), True)
+  np.testing.assert_allclose(float(rpo), want + 0.5 * (-pc / 3), rtol=1e-5)
 
 
 def _flat(tree, prefix=""):
@@ -161,7 +165,7 @@ def test_dpo_learns_a_synthetic_preference(tmp_path):
   before = bench.judge(str(tmp_path / "sft"), test)
   assert 0.25 < before["preference_accuracy"] < 0.75  # chance: the SFT data had no preference
   final = loop.train(bench.dpo_config(str(tmp_path / "sft"), paths["train"], paths["test"], 300,
-                                      0.1, 8), str(tmp_path / "dpo"))
+                                      0.1, 8, rpo_alpha=1.0), str(tmp_path / "dpo"))
   after = bench.judge(str(tmp_path / "dpo"), test)
   assert final["accuracy"] >= 0.9 and after["preference_accuracy"] >= 0.9
   assert after["greedy_follows"] >= 0.9

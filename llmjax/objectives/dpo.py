@@ -6,7 +6,11 @@ policy (pi) and under the frozen reference model (ref):
     margin = beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]
     loss   = -log sigmoid(margin)
 
-averaged over the pairs of the batch. The implicit rewards beta * (log pi - log ref) of each side
+averaged over the pairs of the batch. `train.dpo_rpo_alpha` > 0 adds alpha times the chosen
+responses' mean per-token negative log-likelihood (RPO, Pang et al. 2024; TRL's `rpo_alpha`):
+plain DPO only moves log-probability *ratios*, and can lower the chosen response's likelihood
+along with the rejected one's until greedy decoding follows neither; the NLL term keeps the chosen
+responses likely. The implicit rewards beta * (log pi - log ref) of each side
 are logged: reward margin (chosen minus rejected), preference accuracy (chosen reward > rejected),
 and the policy's chosen / rejected log-probabilities.
 
@@ -48,6 +52,7 @@ class DPO(Objective):
   def __init__(self, config, model_config):
     super().__init__(config, model_config)
     self.beta = float(config.train.dpo_beta) if config is not None else 0.1
+    self.rpo_alpha = float(config.train.dpo_rpo_alpha) if config is not None else 0.0
 
   def batch_spec(self, config) -> dict:
     from llmjax.data.preference import batch_fields
@@ -73,7 +78,10 @@ class DPO(Objective):
                                adapters=False)
     ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
     loss, chosen_r, rejected_r = dpo_terms(policy_c, policy_r, ref_c, ref_r, self.beta)
-    valid = (jnp.sum(batch["chosen_weights"], axis=-1) > 0).astype(jnp.float32)
+    tokens = jnp.sum(batch["chosen_weights"], axis=-1)
+    valid = (tokens > 0).astype(jnp.float32)
+    if self.rpo_alpha:
+      loss = loss - self.rpo_alpha * policy_c / jnp.maximum(tokens, 1.0)
     return {"loss": loss * valid, "weight": valid,
             "correct": (chosen_r > rejected_r).astype(jnp.float32) * valid,
             "reward_margin": (chosen_r - rejected_r) * valid,
