@@ -42,6 +42,7 @@ setup(
             "lm-eval>=0.4.13,<0.5",  # tests/test_evaluate_cli.py: the lm-eval adapter
             "scikit-learn>=1.3",     # tests/test_eval_metrics.py: macro-F1 / confusion reference
             "pyarrow>=14", "datasets>=2.14",  # tests/test_formats.py: Parquet and datasets dirs
+            "num2words>=0.5.13",     # tests/test_seq2seq.py: the translate_numbers demo
         ],
         # python -m llmjax.lm_eval: lm-evaluation-harness tasks on a run (tested with 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5"],
@@ -52,6 +53,9 @@ setup(
         "bench": ["torch>=2.1"],  # measured with torch 2.13.0 (CPU wheel)
         # task data in Parquet files / `datasets` save_to_disk directories (llmjax/data/formats.py)
         "data": ["pyarrow>=14", "datasets>=2.14"],
+        # experiments/translate_numbers.py: English/French number words (an offline parallel
+        # corpus of any size; issue 11's translation demo)
+        "examples": ["num2words>=0.5.13"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
