@@ -44,6 +44,7 @@ setup(
             "peft>=0.17,<1",         # tests/test_peft.py: LoRA adapters both ways (tested with 0.21.2)
             # Parquet / HF-datasets task files and corpora, .zst corpora, and the SIGKILL test
             "pyarrow>=15", "zstandard>=0.22", "datasets>=2.18", "psutil>=5.9",
+            "num2words>=0.5.13",     # tests/test_seq2seq.py: the translate_numbers demo
         ],
         # python -m llmjax.lm_eval: lm-evaluation-harness tasks on a run (tested with 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5"],
@@ -56,6 +57,9 @@ setup(
         # benchmarks/nanogpt_reference.py: the PyTorch nanoGPT twin timed against llmjax
         "bench": ["torch>=2.1",  # measured with torch 2.13.0 (CPU wheel)
                   "psutil>=5.9"],  # prepare_corpus.py / first_step.py: RSS and CPU of process trees
+        # experiments/translate_numbers.py: English/French number words (an offline parallel
+        # corpus of any size; issue 11's translation demo)
+        "examples": ["num2words>=0.5.13"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -89,12 +89,17 @@ def test_packed_pairs_see_only_their_own_segment(kw):
 
 @pytest.mark.parametrize("kw", VARIANTS[:2])
 def test_cached_decoding_equals_recomputation(kw):
-  model, params = _init(_cfg(**kw), seed=3)
+  model, params = _init(_cfg(init_std=0.5, **kw), seed=3)  # wide init: varied outputs
   sources = [[3, 4, 5, 6, 1], [7, 8, 1], [9, 10, 11, 12, 13, 14, 1]]
   cached = seq2seq_decode.generate(model, params, sources, 12, temperature=0.0)
   assert cached == seq2seq_decode.recompute_generate(model, params, sources, 12)
-  # the beam search with one beam is greedy
-  assert seq2seq_decode.generate(model, params, sources, 12, num_beams=1) == cached
+  assert len({t for row in cached for t in row}) > 1  # not one repeated token
+  # beam search with one beam is greedy
+  batch = seq2seq_decode._prepare(model, sources, 12)
+  best, _, lengths = seq2seq_decode._beams_on_device(
+      model, batch.cache_len, 12, beam_search.BeamConfig(1), params, batch.tokens,
+      batch.segment_ids, jnp.int32(-1))
+  assert np.asarray(best).tolist() == cached
 
 
 def test_sampling_is_seeded():
@@ -262,6 +267,19 @@ def test_train_generate_and_resume_from_the_command_line(tmp_path):
                  "--num_beams=0"])
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert "num_beams=0" in bad.stderr
+  # evaluation: BLEU/chrF on seq2seq data; the wrong kind of data for the run is one line
+  (tmp_path / "text.jsonl").write_text('{"prompt": "one", "completion": "un"}\n')
+  ev = run_cli(["-m", "llmjax.evaluate", f"--workdir={tmp_path / 'a'}",
+                f"--data={tmp_path / 'pairs.jsonl'}", "--metrics=bleu,bleu_intl,chrf,rougeL",
+                "--max_new_tokens=8", "--num_beams=2"])
+  assert ev.returncode == 0, ev.stderr[-2000:]
+  summary = json.loads(ev.stdout.strip().splitlines()[-1])
+  assert summary["format"] == "seq2seq" and summary["examples"] == 60
+  assert all(0 <= summary[m] <= 100 for m in ("bleu", "bleu_intl", "chrf"))
+  wrong = run_cli(["-m", "llmjax.evaluate", f"--workdir={tmp_path / 'a'}",
+                   f"--data={tmp_path / 'text.jsonl'}"])
+  assert wrong.returncode == 2 and "encoder-decoder" in wrong.stderr
+  assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 def test_bad_seq2seq_input_is_one_line_exit_2(tmp_path):
@@ -324,3 +342,20 @@ def test_span_corruption_trains_in_process(tmp_path):
       state, metrics = prog.train_step(state, shd.put_batch(dataset.batch("train", 0, 4), mesh))
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0]
+
+
+def test_seq2seq_data_on_a_decoder_only_run_is_refused(tmp_path):
+  """The reverse of the above: a decoder-only run asked to translate (encoder inputs)."""
+  from llmjax import runs
+  from llmjax.data.tokenizers import CharTokenizer
+  from llmjax.eval import runner
+  from llmjax.eval.tasks import TaskError
+  c = cfglib.default_config()
+  c.model.update(num_layers=1, num_heads=2, embed_dim=16, max_seq_len=16)
+  tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+  model = build_model(cfglib.model_config(c, tok.vocab_size))
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  runs.create_run(tmp_path / "lm", c, params, tok)
+  _write_pairs(tmp_path / "pairs.jsonl", 3)
+  with pytest.raises(TaskError, match="need an encoder-decoder"):
+    runner.evaluate_file(str(tmp_path / "lm"), str(tmp_path / "pairs.jsonl"))
