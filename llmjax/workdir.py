@@ -22,9 +22,10 @@ from pathlib import Path
 LOCK_FILE = ".llmjax.lock"
 MARKER_FILE = ".llmjax-run"  # written into every directory llmjax creates a run in
 CONFIG_FILE = "config.json"
-# Files and directories a training run writes at the top of its workdir.
-RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tokenizer.json", "tokenizer.model", "sample.txt",
-             "loss.png", "checkpoints", "tensorboard", "eval")
+# Files and directories a training run overwrites, trims or prunes at the top of its workdir
+# (tensorboard/ only gains new event files, so it is not on the list).
+RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tokenizer.json", "tokenizer.model", "hf_tokenizer.json",
+             "hf_tokenizer_config.json", "sample.txt", "loss.png", "checkpoints")
 _CONFIG_SECTIONS = {"model", "data", "optim", "train"}
 
 _held: dict[str, object] = {}  # resolved workdir -> open lock file (kept open = lock held)
