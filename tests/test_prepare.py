@@ -110,7 +110,7 @@ def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, monkeypatch):
           "--val_fraction=0.1", "--chunk_mb=0.02"]
   assert prepare(*args, f"--output={tmp_path}/ref") == 0
   out = tmp_path / "out"
-  for budget in (90_000, 150_000):  # two interruptions at different places
+  for budget in (90_000, 250_000):  # two interruptions at different places
     monkeypatch.setenv(preplib._TEST_DISK_BYTES, str(budget))
     assert prepare(*args, f"--output={out}") == 2
     assert (out / "progress.json").exists() and not (out / "manifest.json").exists()
