@@ -328,7 +328,9 @@ def test_lora_trains_alike_on_every_mesh(tmp_path):
     np.testing.assert_allclose(info["losses"][layout], ref, rtol=1e-5, atol=0)
     for key, value in arrays.items():
       if key.startswith(f"{layout}/"):
-        np.testing.assert_allclose(value, arrays["single/" + key.split("/", 1)[1]], atol=1e-5)
+        # Adam divides by sqrt(v): a near-zero gradient's reduction-order noise (other meshes sum
+        # in another order) becomes an update difference of ~1e-5 after 5 steps at lr 3e-3
+        np.testing.assert_allclose(value, arrays["single/" + key.split("/", 1)[1]], atol=1e-4)
   moved = [k for k in arrays if k.startswith("single/") and
            np.abs(arrays[k] - arrays["init_" + k]).max() > 0]
   assert moved and all("lora_" in k for k in moved), moved

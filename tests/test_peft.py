@@ -170,6 +170,7 @@ def _greedy_matches(torch_model, ours, prompts, steps=32):
   assert sum(a == t for a, t in zip(ours, theirs)) >= 1
 
 
+@pytest.mark.slow  # minutes: an import, a LoRA training run, two exports and a peft_import each
 @pytest.mark.parametrize("name,targets", [("gpt2", "query,value,out,mlp"),
                                           ("llama", "attn,mlp,lm_head")])
 def test_peft_round_trip_after_fine_tuning(hf, tmp_path, name, targets):
