@@ -205,9 +205,9 @@ def _write_pairs(path, n=60):
 def _config(path, **train):
   c = cfglib.default_config()
   c.model.update(family="encoder_decoder", num_layers=1, encoder_layers=1, num_heads=2,
-                 embed_dim=32, max_seq_len=16, position="sinusoidal")
-  c.data.update(path=str(path), tokenizer="sentencepiece", sp_vocab_size=300, seq_len=12,
-                source_len=12, batch_size=4, packing=True)
+                 embed_dim=32, max_seq_len=32, position="sinusoidal")
+  c.data.update(path=str(path), tokenizer="sentencepiece", sp_vocab_size=300, seq_len=24,
+                source_len=24, batch_size=4, packing=True)
   c.train.update(objective="seq2seq", steps=4, **train)
   return c
 
