@@ -20,7 +20,7 @@ from llmjax.data import DataError
 from llmjax.data import seq2seq as s2s
 from llmjax.model import TransformerConfig, build_model, num_params
 from llmjax.model import encoder_decoder as ed
-from llmjax.model.layers import relative_position_bucket, sinusoidal_positions
+from llmjax.model.layers import relative_position_bucket
 
 
 def _cfg(**kw):
@@ -110,16 +110,14 @@ def test_sampling_is_seeded():
   assert len({tuple(r) for r in a}) > 1  # rows draw different tokens
 
 
-def test_relative_buckets_and_sinusoids():
+def test_relative_buckets():
+  # (sinusoidal positions, shared with decoders and encoders: tests/test_encoder.py)
   rel = jnp.arange(-200, 201)
   both = np.asarray(relative_position_bucket(rel, True, 32, 128))
   causal = np.asarray(relative_position_bucket(rel, False, 32, 128))
   assert both.min() == 0 and both.max() == 31 and causal.max() == 31
   assert (causal[rel > 0] == 0).all()                        # the future is one bucket
   assert both[200] == 0 and both[201] == 17 and both[199] == 1   # exact near 0, sign split
-  enc = np.asarray(sinusoidal_positions(jnp.arange(4), 8))
-  np.testing.assert_allclose(enc[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
-  np.testing.assert_allclose(enc[3, 0], np.sin(3.0), atol=1e-6)
 
 
 # -- beam search --------------------------------------------------------------------------------

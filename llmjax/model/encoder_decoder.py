@@ -30,8 +30,9 @@ import jax.numpy as jnp
 
 from llmjax.model.attention import Attention, CrossAttention
 from llmjax.model.config import TransformerConfig
+from llmjax.model.embeddings import sinusoidal_positions
 from llmjax.model.layers import (DenseGeneral, Mlp, Norm, constrain, dense_weight, embedding_rows,
-                                 logical_init, sinusoidal_positions)
+                                 logical_init)
 from llmjax.model.transformer import REMAT_POLICIES, unstack_layers
 
 POSITIONS = ("learned", "sinusoidal", "relative", "none")

@@ -199,16 +199,6 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float,
   return out.astype(x.dtype)
 
 
-def sinusoidal_positions(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:
-  """The original Transformer's position encodings for integer `positions` [...]: [..., dim] with
-  sin(p / 10000^(2i/dim)) in the first half and cos in the second (tensor2tensor's layout)."""
-  half = dim // 2
-  inv = 1.0 / (max_timescale ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles = positions[..., None].astype(jnp.float32) * inv
-  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  return jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, dim - 2 * half)])
-
-
 def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> jax.Array:
   """T5's bucket of each relative position (key position - query position): half the buckets hold
