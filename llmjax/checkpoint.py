@@ -110,6 +110,20 @@ def _install_closed_loop_filter() -> None:
       previous(exc_type, exc, tb)
   hook._llmjax_filter = True
   sys.excepthook = hook
+  # the same noise may arrive as an "unraisable" exception or from a Python thread
+  previous_unraisable = sys.unraisablehook
+
+  def unraisable(args):
+    if not _is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback):
+      previous_unraisable(args)
+  sys.unraisablehook = unraisable
+  import threading
+  previous_thread = threading.excepthook
+
+  def thread_hook(args):
+    if not _is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback):
+      previous_thread(args)
+  threading.excepthook = thread_hook
 
 
 def _quiet_orbax_errors() -> None:
