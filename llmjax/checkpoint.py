@@ -99,6 +99,16 @@ def _is_closed_loop_noise(exc_type, exc, tb) -> bool:
              for f in traceback.extract_tb(tb))
 
 
+def _is_orbax_noise(tb) -> bool:
+  """A failed read of a damaged checkpoint (or a failed write on a full disk) fails in one of
+  Orbax's per-array coroutines; the others are dropped and each reports the same failure again
+  ("Exception ignored in", "Task exception was never retrieved") when collected. The failure
+  itself is reported once (DamagedCheckpoint / CheckpointError)."""
+  import traceback
+  return any("/orbax/checkpoint/" in f.filename.replace("\\", "/")
+             for f in traceback.extract_tb(tb))
+
+
 def _install_closed_loop_filter() -> None:
   import sys
   previous = sys.excepthook
@@ -114,7 +124,8 @@ def _install_closed_loop_filter() -> None:
   previous_unraisable = sys.unraisablehook
 
   def unraisable(args):
-    if not _is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback):
+    if not (_is_closed_loop_noise(args.exc_type, args.exc_value, args.exc_traceback)
+            or _is_orbax_noise(args.exc_traceback)):
       previous_unraisable(args)
   sys.unraisablehook = unraisable
   import threading
@@ -126,11 +137,24 @@ def _install_closed_loop_filter() -> None:
   threading.excepthook = thread_hook
 
 
+def _drop_orbax_task_noise(record) -> bool:
+  """asyncio logs "Task exception was never retrieved" for Orbax's other write tasks once one
+  write failed: the same failure, already reported once as a CheckpointError."""
+  exc = getattr(record, "exc_info", None)
+  if exc and exc[2] is not None and _is_orbax_noise(exc[2]):
+    return False
+  context = record.getMessage()
+  return not ("never retrieved" in context and "orbax" in context)
+
+
 def _quiet_orbax_errors() -> None:
   import logging
   logger = logging.getLogger("absl")
   if _drop_orbax_tracebacks not in logger.filters:
     logger.addFilter(_drop_orbax_tracebacks)
+  aio = logging.getLogger("asyncio")
+  if _drop_orbax_task_noise not in aio.filters:
+    aio.addFilter(_drop_orbax_task_noise)
   _install_closed_loop_filter()
 
 

@@ -2,6 +2,7 @@
 read prepared directories. Corpora are made here from the embedded Python docs; nothing downloads."""
 import gzip
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -175,7 +176,8 @@ def test_prepare_errors_are_one_line_exit_2(tmp_path, capsys):
 # -- the loader ---------------------------------------------------------------------------------------
 def test_sharded_tokens_read_windows_across_shard_boundaries(tmp_path):
   rng = np.random.default_rng(0)
-  parts = [rng.integers(0, 60000, n).astype(np.uint16) for n in (7, 1, 50, 13)]
+  # ids below 256: the glob is loaded below with the byte tokenizer, whose vocabulary is checked
+  parts = [rng.integers(0, 256, n).astype(np.uint16) for n in (7, 1, 50, 13)]
   files = []
   for i, p in enumerate(parts):
     files.append(str(tmp_path / f"{i}.bin"))
@@ -352,20 +354,26 @@ def test_prepare_killed_at_random_moments_finishes_with_the_same_bytes(tmp_path)
   cmd = [sys.executable, "-m", "llmjax.data.prepare", *args, f"--output={out}", "--num_workers=2"]
   env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
   rng, killed = random.Random(0), 0
-  for _ in range(4):
+  for attempt in range(12):
+    if killed >= 2:
+      break
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (out / "progress.json").exists() and proc.poll() is None and time.time() < deadline:
       time.sleep(0.005)
-    time.sleep(rng.uniform(0.0, 0.3))
+    # on a quiet machine the whole run may take less than the first, longer delays
+    time.sleep(rng.uniform(0.0, 0.3 if attempt < 4 else 0.02))
     try:
       workers = psutil.Process(proc.pid).children()
     except psutil.NoSuchProcess:
       workers = []
     proc.send_signal(signal.SIGKILL)
-    killed += proc.wait() == -signal.SIGKILL and (out / "progress.json").exists()
+    landed = proc.wait() == -signal.SIGKILL and (out / "progress.json").exists()
+    killed += landed
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"pool workers outlived the killed prepare: {alive}"
+    if not landed and (out / shardlib.MANIFEST).exists():
+      shutil.rmtree(out)  # it finished before the kill: start again so that a later kill lands
   assert run_cli(cmd[1:]).returncode == 0
   ref = tmp_path / "ref"
   for f in sorted(p for p in ref.rglob("*") if p.is_file()):
