@@ -24,6 +24,7 @@ on the objective's name, so a new objective is a new module plus a `@register("n
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +38,7 @@ class BatchField(NamedTuple):
   dtype: Any
 
 
-class Objective:
+class Objective(abc.ABC):
   name = ""
   reports_bits_per_byte = False
   # extra keyword arguments for llmjax.data.load_dataset (e.g. {"classification": True})
@@ -70,14 +71,17 @@ class Objective:
     return {"tokens": jnp.zeros(micro_batch_shape, jnp.int32)}
 
   # -- training and evaluation ------------------------------------------------------------------
+  @abc.abstractmethod
   def loss(self, model, params, batch, rng, deterministic: bool):
-    raise NotImplementedError
+    """Each objective defines it (see the module docstring)."""
 
+  @abc.abstractmethod
   def eval_sums(self, model, params, batch, rng) -> dict:
-    raise NotImplementedError
+    """Each objective defines it (see the module docstring)."""
 
+  @abc.abstractmethod
   def finalize(self, sums: dict) -> dict:
-    raise NotImplementedError
+    """Each objective defines it (see the module docstring)."""
 
   def trainable(self, params):
     return jax.tree.map(lambda _: True, params)
