@@ -28,15 +28,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def addition_sets(seed: int, n_train: int, n_val: int, n_test: int):
-  """Disjoint sets of distinct (a, b) pairs of three-digit numbers (as issue 9's benchmark)."""
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  picks = rng.choice(900 * 900, size=n_train + n_val + n_test, replace=False)
-  pairs = [(100 + int(p) // 900, 100 + int(p) % 900) for p in picks]
-  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ps]  # noqa
-  return (make(pairs[:n_train]), make(pairs[n_train:n_train + n_val]),
-          make(pairs[n_train + n_val:]))
+# the task data of issue 9's benchmark, so both compare on the very same examples
+from finetune_addition import addition_sets  # noqa: E402  (benchmarks/ is sys.path[0])
 
 
 def base_config(steps: int, width: int, layers: int):

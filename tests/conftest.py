@@ -61,3 +61,30 @@ def run_cli(args, env_extra=None, cwd=ROOT, timeout=600, devices=None):
   env.update(env_extra or {})
   return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def execute_notebook(name: str, tmp_path, monkeypatch, timeout: int):
+  """Runs notebooks/<name> top to bottom in a real Jupyter kernel of *this* interpreter (so it sees
+  the same packages as the tests); returns (executed notebook, its stream output as one string)."""
+  import json
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  pytest.importorskip("ipykernel")
+  spec_dir = tmp_path / "jupyter" / "kernels" / "llmjax-test"
+  spec_dir.mkdir(parents=True)
+  (spec_dir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "llmjax test", "language": "python"}))
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+  nbclient.NotebookClient(nb, kernel_name="llmjax-test", timeout=timeout,
+                          resources={"metadata": {"path": str(ROOT)}}).execute()
+  outputs = "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                      for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+  return nb, outputs
+
+
+def notebook_images(nb) -> list:
+  return [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
