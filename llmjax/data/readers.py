@@ -37,16 +37,18 @@ class Task:
   end: int = -1      # -1: to the end of the file
   last: bool = True  # text: this task ends the file's document
   size: int = 0      # input bytes (for the progress bar's MB/s and ETA)
+  name: str = ""     # the path relative to the directory all inputs share (see plan_tasks)
 
   @property
   def key(self) -> str:
-    """Names the task in hashes that pick validation documents (independent of worker count)."""
-    return f"{self.path}|{self.start}"
+    """Names the task in hashes that pick validation documents (independent of worker count, and
+    of where the corpus lies or how its path was spelled: relative names, not paths)."""
+    return f"{self.name or self.path}|{self.start}"
 
   @property
   def doc_key(self) -> str:
     """Text files: every chunk of a file belongs to the file's one document."""
-    return self.path if self.kind == "text" else self.key
+    return (self.name or self.path) if self.kind == "text" else self.key
 
 
 def _optional(module: str, what: str):
@@ -110,7 +112,18 @@ def _arrow_files(directory: str) -> list[str]:
 
 
 def plan_tasks(sources: list[str], text_key: str, chunk_bytes: int = CHUNK_BYTES) -> list[Task]:
-  """The work units for `sources`, checking every column/format that can be checked up front."""
+  """The work units for `sources`, checking every column/format that can be checked up front.
+
+  Each task is named by its file's path relative to the directory all sources share, so that the
+  validation split (a hash of those names) is the same wherever the corpus is and whether the
+  --input globs were relative or absolute."""
+  tasks = _plan_tasks(sources, text_key, chunk_bytes)
+  absolute = [os.path.abspath(t.path) for t in tasks]
+  root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+  return [dataclasses.replace(t, name=os.path.relpath(a, root)) for t, a in zip(tasks, absolute)]
+
+
+def _plan_tasks(sources: list[str], text_key: str, chunk_bytes: int) -> list[Task]:
   tasks = []
   for path in sources:
     if _is_hf_dataset(path):
