@@ -252,7 +252,7 @@ def test_z_loss_adds_log_z_squared_but_reports_plain_cross_entropy():
   model = Transformer(TransformerConfig(vocab_size=32, num_layers=1, num_heads=2, embed_dim=16,
                                         max_seq_len=8))
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-  params = model.init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
   plain = trainlib.make_loss_fn(model)
   with_z = trainlib.make_loss_fn(model, z_loss=1e-2)

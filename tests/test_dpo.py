@@ -31,7 +31,7 @@ def test_dpo_loss_matches_a_direct_computation():
   the base model (adapters off)."""
   spec = loralib.make_spec(CFG, 2, 4.0, "query,value")
   model = loralib.with_lora(Transformer(CFG), spec)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
   adapter, base = loralib.split(params)
   adapter = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), adapter)
   params = loralib.combine(base, adapter)

@@ -28,7 +28,7 @@ VARIANTS = {
 
 def init(cfg, length=16):
   model = build_model(cfg)
-  variables = model.init(jax.random.key(0), jnp.zeros((2, length), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, length), jnp.int32))
   return model, nn.meta.unbox(variables["params"]), variables
 
 

@@ -24,7 +24,7 @@ PROMPTS = [[5, 9, 2], [7, 1, 33, 4, 8, 19, 3, 11, 40], [12]]  # different length
 
 def init(cfg, seed=0):
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
   # Sharper-than-init weights, so greedy choices are not decided by float noise.
   params = jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
   return model, params
@@ -232,14 +232,14 @@ from llmjax.model import Transformer, TransformerConfig
 cfg = TransformerConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
                         max_seq_len=48, position="rotary", norm="rmsnorm", mlp="swiglu")
 model = Transformer(cfg)
-params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
 params = jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
 prompts = [[5, 9, 2], [7, 1, 33, 4, 8, 19], [12]]
 ref = gen.generate(model, params, prompts, 8, temperature=0.0, return_logits=True)
 config = cfglib.default_config()
 config.mesh.update(data=1, fsdp=2, tensor=2)
 mesh = shd.make_mesh(config)
-boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 shardings = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shd.logical_rules(config))
 sharded = jax.device_put(params, shardings)
 out = gen.generate(model, sharded, prompts, 8, temperature=0.0, return_logits=True, mesh=mesh)

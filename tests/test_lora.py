@@ -72,7 +72,7 @@ LLAMA = TransformerConfig(vocab_size=61, num_layers=2, num_heads=4, num_kv_heads
 
 def _init(cfg, spec, seed=0):
   model = loralib.with_lora(Transformer(cfg), spec)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))["params"]
   return model, params
 
 
@@ -119,7 +119,7 @@ def _by_name(tree, name, prefix=""):
 def test_adapter_logical_axes_scanned_unrolled_merged_and_switched_off():
   spec = loralib.make_spec(LLAMA, 4, 8.0, "all")
   model, params = _init(LLAMA, spec)
-  boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   names = nn.get_partition_spec(boxed)
   assert tuple(names["layers"]["attn"]["query"]["lora_a"]) == ("layers", "embed", "lora_rank")
   assert tuple(names["layers"]["attn"]["out"]["lora_a"]) == ("layers", "heads", "kv", "lora_rank")

@@ -210,7 +210,7 @@ def test_masked_lm_objective_loss_accuracy_and_nsp_from_exact_sums(char):
   assert not obj.reports_bits_per_byte
   assert set(obj.batch_spec(c)) == {"inputs", "targets", "weights", "token_types", "segment_ids",
                                     "nsp_labels"}
-  params = nn.meta.unbox(model.init(jax.random.key(0), **obj.init_inputs((4, 32)))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), **obj.init_inputs((4, 32)))["params"])
   ds = obj.wrap_dataset(_Tokens(char))
   batch = {k: jnp.asarray(v) for k, v in ds.batch("train", 0, 4).items()}
   assert set(batch) == set(obj.batch_spec(c))
@@ -235,7 +235,7 @@ def test_masked_lm_objective_loss_accuracy_and_nsp_from_exact_sums(char):
   c.train.mlm_nsp = False
   obj = objectives.build(c, dec)
   model = build_model(dec)
-  params = nn.meta.unbox(model.init(jax.random.key(0), **obj.init_inputs((4, 32)))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), **obj.init_inputs((4, 32)))["params"])
   batch = {k: jnp.asarray(v) for k, v in obj.wrap_dataset(_Tokens(char)).batch("val", 0, 4).items()}
   assert np.isfinite(float(obj.loss(model, params, batch, jax.random.key(1), True)[0]))
 

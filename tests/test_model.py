@@ -20,7 +20,7 @@ VARIANTS = {"gpt2": GPT2, "llama_gqa": LLAMA, "mqa": MQA,
 
 def init(cfg, length=16, seed=0):
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((2, length), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((2, length), jnp.int32))["params"])
   return model, params
 
 
@@ -138,7 +138,7 @@ def test_dropout_is_active_only_when_training():
 
 def test_every_parameter_has_logical_axis_names():
   model = Transformer(LLAMA)
-  boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   specs = nn.get_partition_spec(boxed)
   leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
   assert leaves and all(len(s) > 0 and all(n is not None for n in s) for s in leaves)

@@ -31,7 +31,7 @@ def small_config(**train):
 
 
 def params_for(cfg, shape=(2, 8)):
-  return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros(shape, jnp.int32))["params"])
+  return nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros(shape, jnp.int32))["params"])
 
 
 def lm_batch(rows=2, length=8, seed=0):
@@ -190,7 +190,7 @@ def test_classifier_head_pools_the_last_real_token():
   after it changes nothing; bidirectional models pool the first token. Param count matches."""
   cfg = dataclasses.replace(CFG, num_labels=3)
   model = Transformer(cfg)
-  variables = model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
   params = nn.meta.unbox(variables["params"])
   assert params["classifier"]["kernel"].shape == (32, 3)
   assert nn.get_partition_spec(variables)["params"]["classifier"]["kernel"] == \

@@ -32,7 +32,7 @@ def test_warmup_then_cosine_linear_and_constant():
 
 def test_decay_mask_skips_norms_biases_and_optionally_embeddings():
   cfg = TransformerConfig(vocab_size=11, num_layers=1, num_heads=2, embed_dim=8, max_seq_len=8)
-  params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
   mask = weight_decay_mask(params)
   assert mask["layers"]["mlp"]["fc"]["kernel"] and not mask["layers"]["mlp"]["fc"]["bias"]
   assert not mask["layers"]["attn_norm"]["scale"] and not mask["token_embedding"]
@@ -70,7 +70,7 @@ def test_gradient_accumulation_equals_one_large_batch():
   cfg = TransformerConfig(vocab_size=17, num_layers=2, num_heads=2, embed_dim=16, max_seq_len=8)
   model = Transformer(cfg)
   opt, schedule = make_optimizer(optim_config(warmup_steps=0), 10)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   state = trainlib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
   x = jax.random.randint(jax.random.key(1), (8, 9), 0, cfg.vocab_size)
   batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
@@ -86,7 +86,7 @@ def test_muon_orthogonalizes_layer_matrices_and_leaves_the_rest_to_adamw():
   cfg = TransformerConfig(vocab_size=32, num_layers=2, num_heads=2, embed_dim=16, max_seq_len=8,
                           tie_embeddings=False)
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))["params"])
   dims = muon_dimension_numbers(params)
   layer = dims["layers"]
   assert layer["attn"]["query"]["kernel"].reduction_axis == 1          # [L, embed, heads, hd]

@@ -55,7 +55,7 @@ def _random_adapter(params, seed):
 
 def _lora_params(loaded, spec, seed=0):
   model = loralib.with_lora(loaded.model, spec)
-  init = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+  init = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
   adapter, _ = loralib.split(jax.tree.map(np.asarray, flax_unbox(init)))
   return model, _random_adapter(loralib.combine(loaded.params, adapter), seed)
 

@@ -33,7 +33,7 @@ def test_bf16_matmul_gradients_run_in_bf16_and_match_float32():
 def test_bf16_matmul_model_trains_like_float32():
   cfg = TransformerConfig(vocab_size=65, num_layers=2, embed_dim=64, num_heads=4, max_seq_len=32)
   fast = dataclasses.replace(cfg, matmul_dtype="bfloat16")
-  params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((2, 32), jnp.int32))
+  params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((2, 32), jnp.int32))
                          ["params"])
   tokens = jax.random.randint(jax.random.key(2), (4, 33), 0, 65)
 

@@ -18,7 +18,7 @@ LLAMA = dataclasses.replace(GPT2, position="rotary", norm="rmsnorm", mlp="swiglu
 
 def init(cfg):
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   return model, jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
 
 

@@ -104,7 +104,7 @@ def test_hf_export_refuses_to_overwrite_a_file_and_names_it(tmp_path):
                       norm="rmsnorm", mlp="swiglu", use_bias=False)
   tokenizer = CharTokenizer(list("abcdefgh "))
   model = Transformer(runs.cfglib.model_config(config, tokenizer.vocab_size))
-  params = nn.meta.unbox(model.init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 4), np.int32))["params"])
   runs.create_run(w, config, params, tokenizer)
   out = tmp_path / "hf"
   out.mkdir()

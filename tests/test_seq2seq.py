@@ -355,7 +355,7 @@ def test_seq2seq_data_on_a_decoder_only_run_is_refused(tmp_path):
   c.model.update(num_layers=1, num_heads=2, embed_dim=16, max_seq_len=16)
   tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
   model = build_model(cfglib.model_config(c, tok.vocab_size))
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
   runs.create_run(tmp_path / "lm", c, params, tok)
   _write_pairs(tmp_path / "pairs.jsonl", 3)
   with pytest.raises(TaskError, match="need an encoder-decoder"):

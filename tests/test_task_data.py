@@ -110,7 +110,7 @@ def test_changing_one_packed_example_leaves_the_others_logits_unchanged():
   cfg = TransformerConfig(vocab_size=TOK.vocab_size, num_layers=2, num_heads=2, embed_dim=32,
                           max_seq_len=32, position="rotary")
   model = Transformer(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 24), jnp.int32))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 24), jnp.int32))["params"])
   enc = Encoder(TOK, data_config(seq_len=24))
   a = [enc.encode(fm.PromptCompletion(p, c, ""), EncodeStats())
        for p, c in (("12+34=", "46"), ("50+50=", "100"), ("9+9=", "18"))]
