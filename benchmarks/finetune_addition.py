@@ -29,13 +29,21 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def addition_sets(seed: int, n_train: int, n_val: int, n_test: int):
-  """Disjoint sets of distinct (a, b) pairs of three-digit numbers."""
+ANSWERS = ("plain", "reversed")
+
+
+def addition_sets(seed: int, n_train: int, n_val: int, n_test: int, answer: str = "plain"):
+  """Disjoint sets of distinct (a, b) pairs of three-digit numbers. answer='plain' is the issue's
+  format ("123+456=" -> "579"); 'reversed' writes the sum's digits least significant first
+  ("123+456=" -> "975"), so every answer digit needs only the carry of the digit already written
+  before it (the plain format's first digit needs the whole carry chain at once)."""
   import numpy as np
+  assert answer in ANSWERS, answer
   rng = np.random.default_rng(seed)
   picks = rng.choice(900 * 900, size=n_train + n_val + n_test, replace=False)
   pairs = [(100 + int(p) // 900, 100 + int(p) % 900) for p in picks]
-  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ps]
+  text = (lambda n: str(n)) if answer == "plain" else (lambda n: str(n)[::-1])
+  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": text(a + b)} for a, b in ps]
   return (make(pairs[:n_train]), make(pairs[n_train:n_train + n_val]),
           make(pairs[n_train + n_val:]))
 
@@ -112,6 +120,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--train_examples", type=int, default=100000)
   p.add_argument("--test_examples", type=int, default=500)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--answer", choices=ANSWERS, default="reversed",
+                 help="the sum as written ('plain', the issue's format) or digits reversed")
 
 
 def main() -> None:
@@ -125,7 +135,8 @@ def main() -> None:
   from llmjax import loop
   tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_addition_"))
   tmp.mkdir(parents=True, exist_ok=True)
-  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples)
+  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples,
+                                   args.answer)
   paths = {k: write_jsonl(tmp / f"{k}.jsonl", v) for k, v in
            (("train", train), ("val", val), ("test", test))}
   pairs = lambda rs: {r["prompt"] for r in rs}

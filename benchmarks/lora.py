@@ -133,7 +133,7 @@ def main() -> None:
   p.add_argument("--lora_rank", type=int, default=8)
   p.add_argument("--lora_alpha", type=float, default=16.0)
   p.add_argument("--lora_targets", default="all", help="lora.targets of the lora/qlora variants")
-  p.add_argument("--lora_lr", type=float, default=1e-2, help="adapters' learning rate")
+  p.add_argument("--lora_lr", type=float, default=5e-3, help="adapters' learning rate")
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
   p.add_argument("--quality", action="store_true", help="also fine-tune and measure exact match")
@@ -148,7 +148,8 @@ def main() -> None:
   from llmjax import sharding as shd
   tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_lora_"))
   tmp.mkdir(parents=True, exist_ok=True)
-  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples)
+  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples,
+                                   args.answer)
   paths = {k: write_jsonl(tmp / f"{k}.jsonl", v) for k, v in
            (("train", train), ("val", val), ("test", test))}
   result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
