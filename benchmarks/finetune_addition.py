@@ -2,15 +2,20 @@
 
 1. Pretrain a base model (4 layers, 128 wide, sentencepiece with split digits) on the embedded
    corpus (Python's documentation prose, shipped with Python) for --pretrain_steps.
-2. Generate addition examples {"prompt": "123+456=", "completion": "579"} with a seed; train, val
-   and test sets are disjoint (distinct (a, b) pairs).
+2. Generate addition examples with a seed; train, val and test sets are disjoint (distinct
+   (a, b) pairs). --answer=plain is the issue's format {"prompt": "123+456=", "completion": "579"};
+   the default, --answer=reversed, writes the answer's digits least significant first
+   ("123+456=" -> "975"): the plain format's first answer digit needs the whole carry chain in one
+   step and was not learned to 90% on this budget (0.206 after 3,000 steps; benchmarks/RESULTS.md).
 3. Exact match of greedy completions on the test set (`llmjax.eval`, as `python -m llmjax.evaluate`
-   computes it): the base model, then the model fine-tuned with experiments/finetune.py's
-   defaults (completion-only loss) and, on the same budget, with loss on every token.
+   computes it): the base model, then the model fine-tuned with experiments/finetune.py on this
+   recipe (lr 1e-3, 100 warmup steps, cosine to 1e-4, 1,500 steps of 64 sums, 100,000 training
+   sums; completion-only loss) and, on the same budget, with loss on every token.
 
 Prints the figures and writes JSON (--out). The bar (issue 9): exact match from about 0 to >= 90%.
 
   PYTHONPATH=$PWD python benchmarks/finetune_addition.py --out=benchmarks/finetune_addition.json
+  PYTHONPATH=$PWD python benchmarks/finetune_addition.py --answer=plain --finetune_steps=3000
 """
 from __future__ import annotations
 
@@ -109,7 +114,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
   """The task and fine-tuning recipe (defaults: the recipe that meets the bar); shared with
   benchmarks/lora.py so both measure the same budget on the same examples."""
   p.add_argument("--pretrain_steps", type=int, default=300)
-  p.add_argument("--finetune_steps", type=int, default=2000)
+  p.add_argument("--finetune_steps", type=int, default=1500)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--warmup_steps", type=int, default=100)
   p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decay to lr * this")
