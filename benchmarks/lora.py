@@ -201,9 +201,17 @@ def main() -> None:
           "finetune_s": None if reused else seconds, "load_after": os.getloadavg(),
           **run_figures(work)}
       print(f"{name:12s} exact match {em:.3f} after {args.finetune_steps} steps", flush=True)
+      save(result, args.out)  # after every variant: a stopped run keeps the ones it finished
   print(json.dumps(result, indent=2))
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+  save(result, args.out)
+
+
+def save(result: dict, out: str) -> None:
+  """Writes the JSON atomically (a temporary file renamed over --out)."""
+  if out:
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
