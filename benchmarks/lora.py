@@ -141,6 +141,11 @@ def main() -> None:
   p.add_argument("--workdir", default="")
   p.add_argument("--out", default="")
   args = p.parse_args()
+  table = variants(args)
+  names = args.variants.split(",") if args.variants else list(table)
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
   import jax
 
   from llmjax import config as cfglib
@@ -160,11 +165,6 @@ def main() -> None:
     t0 = time.perf_counter()
     loop.train(base_config(args.pretrain_steps), base)
     result["pretrain_s"] = time.perf_counter() - t0
-  table = variants(args)
-  names = args.variants.split(",") if args.variants else list(table)
-  unknown = [n for n in names if n not in table]
-  if unknown:
-    p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
   loaded = runs.load_run(base)
   programs = {}
   for name in names:
