@@ -2,15 +2,20 @@
 
 1. Pretrain a base model (4 layers, 128 wide, sentencepiece with split digits) on the embedded
    corpus (Python's documentation prose, shipped with Python) for --pretrain_steps.
-2. Generate addition examples {"prompt": "123+456=", "completion": "579"} with a seed; train, val
-   and test sets are disjoint (distinct (a, b) pairs).
+2. Generate addition examples with a seed; train, val and test sets are disjoint (distinct
+   (a, b) pairs). --answer=plain is the issue's format {"prompt": "123+456=", "completion": "579"};
+   the default, --answer=reversed, writes the answer's digits least significant first
+   ("123+456=" -> "975"): the plain format's first answer digit needs the whole carry chain in one
+   step and was not learned to 90% on this budget (0.206 after 3,000 steps; benchmarks/RESULTS.md).
 3. Exact match of greedy completions on the test set (`llmjax.eval`, as `python -m llmjax.evaluate`
-   computes it): the base model, then the model fine-tuned with experiments/finetune.py's
-   defaults (completion-only loss) and, on the same budget, with loss on every token.
+   computes it): the base model, then the model fine-tuned with experiments/finetune.py on this
+   recipe (lr 1e-3, 100 warmup steps, cosine to 1e-4, 1,500 steps of 64 sums, 100,000 training
+   sums; completion-only loss) and, on the same budget, with loss on every token.
 
 Prints the figures and writes JSON (--out). The bar (issue 9): exact match from about 0 to >= 90%.
 
   PYTHONPATH=$PWD python benchmarks/finetune_addition.py --out=benchmarks/finetune_addition.json
+  PYTHONPATH=$PWD python benchmarks/finetune_addition.py --answer=plain --finetune_steps=3000
 """
 from __future__ import annotations
 
@@ -29,13 +34,21 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def addition_sets(seed: int, n_train: int, n_val: int, n_test: int):
-  """Disjoint sets of distinct (a, b) pairs of three-digit numbers."""
+ANSWERS = ("plain", "reversed")
+
+
+def addition_sets(seed: int, n_train: int, n_val: int, n_test: int, answer: str = "plain"):
+  """Disjoint sets of distinct (a, b) pairs of three-digit numbers. answer='plain' is the issue's
+  format ("123+456=" -> "579"); 'reversed' writes the sum's digits least significant first
+  ("123+456=" -> "975"), so every answer digit needs only the carry of the digit already written
+  before it (the plain format's first digit needs the whole carry chain at once)."""
   import numpy as np
+  assert answer in ANSWERS, answer
   rng = np.random.default_rng(seed)
   picks = rng.choice(900 * 900, size=n_train + n_val + n_test, replace=False)
   pairs = [(100 + int(p) // 900, 100 + int(p) % 900) for p in picks]
-  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ps]
+  text = (lambda n: str(n)) if answer == "plain" else (lambda n: str(n)[::-1])
+  make = lambda ps: [{"prompt": f"{a}+{b}=", "completion": text(a + b)} for a, b in ps]
   return (make(pairs[:n_train]), make(pairs[n_train:n_train + n_val]),
           make(pairs[n_train + n_val:]))
 
@@ -58,18 +71,36 @@ def base_config(steps: int):
   return c
 
 
-def finetune_config(base: str, train: str, val: str, steps: int, lr: float, train_on: str,
-                    seq_len: int, batch_size: int):
+def finetune_config(base: str, train: str, val: str, args, train_on: str = "completion",
+                    lr: float = 0.0):
+  """experiments/finetune.py's config for `base` with this benchmark's recipe (args)."""
   sys.path.insert(0, str(ROOT / "experiments"))
   import finetune
   c = finetune.get_config(base)
-  # one sum (<= 14 tokens) per row of 16: padding, no packing needed
-  c.data.update(path=train, val_path=val, train_on=train_on, batch_size=batch_size,
-                seq_len=seq_len, packing=seq_len > 16)
-  c.optim.update(lr=lr, warmup_steps=30)
-  c.train.update(epochs=0, steps=steps, eval_every=0, keep_best="", log_every=100,
-                 progress=False, tensorboard=False)
+  # one sum (15 tokens: "▁" + 3 digits, "+", 3 digits, "=", "▁" + 3-4 digits, EOS) per row of 16:
+  # padding, no packing needed; longer rows pack several sums
+  c.data.update(path=train, val_path=val, train_on=train_on, batch_size=args.batch_size,
+                seq_len=args.seq_len, packing=args.seq_len > 16)
+  c.optim.update(lr=lr or args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                 weight_decay=args.weight_decay)
+  c.train.update(epochs=0, steps=args.finetune_steps, eval_every=args.eval_every, keep_best="",
+                 log_every=100, progress=False, tensorboard=False)
   return c
+
+
+def run_figures(workdir: str) -> dict:
+  """From the run's metrics.jsonl: median / min / max ms per step (the first logged interval,
+  which holds the compilation, left out) and the validation-loss curve."""
+  import statistics
+  rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+          if line.strip()]
+  ms = [r["step_time_ms"] for r in rows if r.get("split") == "train" and "step_time_ms" in r][1:]
+  curve = {r["step"]: round(r["loss"], 4) for r in rows if r.get("split") == "val"}
+  out = {"val_loss_curve": curve}
+  if ms:
+    out.update(ms_per_step_median=statistics.median(ms), ms_per_step_min=min(ms),
+               ms_per_step_max=max(ms))
+  return out
 
 
 def exact_match(workdir: str, test: str) -> float:
@@ -79,16 +110,28 @@ def exact_match(workdir: str, test: str) -> float:
   return summary["exact_match"]
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+  """The task and fine-tuning recipe (defaults: the recipe that meets the bar); shared with
+  benchmarks/lora.py so both measure the same budget on the same examples."""
   p.add_argument("--pretrain_steps", type=int, default=300)
-  p.add_argument("--finetune_steps", type=int, default=2000)
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--finetune_steps", type=int, default=1500)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--warmup_steps", type=int, default=100)
+  p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decay to lr * this")
+  p.add_argument("--weight_decay", type=float, default=0.0)
   p.add_argument("--seq_len", type=int, default=16)
   p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--train_examples", type=int, default=20000)
+  p.add_argument("--eval_every", type=int, default=500, help="validation loss every N steps")
+  p.add_argument("--train_examples", type=int, default=100000)
   p.add_argument("--test_examples", type=int, default=500)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--answer", choices=ANSWERS, default="reversed",
+                 help="the sum as written ('plain', the issue's format) or digits reversed")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_recipe_args(p)
   p.add_argument("--skip_all_tokens", action="store_true", help="skip the all-token comparison")
   p.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
   p.add_argument("--out", default="")
@@ -97,14 +140,16 @@ def main() -> None:
   from llmjax import loop
   tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_addition_"))
   tmp.mkdir(parents=True, exist_ok=True)
-  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples)
+  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples,
+                                   args.answer)
   paths = {k: write_jsonl(tmp / f"{k}.jsonl", v) for k, v in
            (("train", train), ("val", val), ("test", test))}
   pairs = lambda rs: {r["prompt"] for r in rs}
   assert not (pairs(train) & pairs(test)) and not (pairs(val) & pairs(test))
 
   result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "args": vars(args)}
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "args": vars(args),
+            "load_at_start": os.getloadavg()}
   t0 = time.perf_counter()
   base = str(tmp / "base")
   if not (Path(base) / "checkpoints").exists():
@@ -118,14 +163,16 @@ def main() -> None:
   for name, train_on in variants:
     work = str(tmp / f"ft_{name}")
     t0 = time.perf_counter()
-    final = loop.train(finetune_config(base, paths["train"], paths["val"], args.finetune_steps,
-                                       args.lr, train_on, args.seq_len, args.batch_size), work)
+    final = loop.train(finetune_config(base, paths["train"], paths["val"], args, train_on), work)
     seconds = time.perf_counter() - t0
     em = exact_match(work, paths["test"])
     result[f"{name}_loss"] = {"finetune_s": seconds, "exact_match": em,
-                              "val_loss": final.get("loss")}
+                              "val_loss": final.get("loss"), "load_after": os.getloadavg(),
+                              **run_figures(work)}
     print(f"fine-tuned, loss on {name} tokens: exact match {em:.3f} after "
-          f"{args.finetune_steps} steps ({seconds:.0f} s)", flush=True)
+          f"{args.finetune_steps} steps ({seconds:.0f} s, median "
+          f"{result[f'{name}_loss'].get('ms_per_step_median', 0):.0f} ms/step, load "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
   print(json.dumps(result, indent=2))
   if args.out:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

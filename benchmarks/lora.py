@@ -5,8 +5,11 @@ frozen-base bytes in float32 and int8 (QLoRA), bytes per parameter.
 Step time: the compiled train steps of full fine-tuning, LoRA and QLoRA on the same batch,
 interleaved, --repeats rounds of --steps steps each; min / median / max ms per step.
 Quality (--quality): issue 9's addition task (three-digit sums, held-out exact match of greedy
-completions, as `python -m llmjax.evaluate` computes it): pretrain a small base, then fine-tune it
-with the same budget fully, with LoRA, and with QLoRA.
+completions, as `python -m llmjax.evaluate` computes it) with issue 9's base and recipe
+(benchmarks/finetune_addition.py's arguments and defaults): fine-tune the base with the same
+budget fully, with LoRA (--lora_rank on --lora_targets, at --lora_lr), with QLoRA (the same on
+an int8 base) and with LoRA on query/value only. With the --workdir of a finetune_addition.py run
+its base and its completion-loss run (= full fine-tuning) are reused.
 
   PYTHONPATH=$PWD python benchmarks/lora.py --out=benchmarks/lora.json [--quality]
 """
@@ -28,42 +31,29 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-# the task data of issue 9's benchmark, so both compare on the very same examples
-from finetune_addition import addition_sets  # noqa: E402  (benchmarks/ is sys.path[0])
+# issue 9's task, base and fine-tuning recipe, so LoRA and full fine-tuning are compared on the
+# very same examples, base and budget as benchmarks/finetune_addition.py measures
+from finetune_addition import (add_recipe_args, addition_sets, base_config,  # noqa: E402
+                               exact_match, finetune_config, run_figures, write_jsonl)
 
 
-def base_config(steps: int, width: int, layers: int):
-  from llmjax.config import default_config
-  c = default_config()
-  c.model.update(num_layers=layers, num_heads=4, embed_dim=width, max_seq_len=64,
-                 position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False)
-  c.data.update(tokenizer="sentencepiece", sp_vocab_size=512, sp_split_digits=True, seq_len=64,
-                batch_size=16)
-  c.optim.update(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1)
-  c.train.update(steps=steps, eval_every=0, eval_batches=4, log_every=50, checkpoint_every=0,
-                 sample_tokens=0, progress=False, tensorboard=False, grad_accum_steps=1)
-  return c
+def variants(args) -> dict:
+  """name -> LoRA settings (None: full fine-tuning) and the learning rate it trains with."""
+  lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
+  return {
+      "full": (None, args.lr),
+      f"lora_r{args.lora_rank}": (lora, args.lora_lr),
+      f"qlora_r{args.lora_rank}": ({**lora, "base_dtype": "int8"}, args.lora_lr),
+      # PEFT's default targets (query, value): the fewest trainable parameters
+      f"lora_r{args.lora_rank}_qv": ({**lora, "targets": "query,value"}, args.lora_lr),
+  }
 
 
-def finetune_config(base: str, train: str, val: str, steps: int, lr: float, lora: dict | None):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import finetune
-  c = finetune.get_config(base)
-  c.data.update(path=train, val_path=val, batch_size=32)
-  c.optim.update(lr=lr, warmup_steps=30)
-  c.train.update(epochs=0, steps=steps, eval_every=0, keep_best="", log_every=100,
-                 progress=False, tensorboard=False)
+def lora_config(base: str, paths: dict, args, lora: dict | None, lr: float):
+  c = finetune_config(base, paths["train"], paths["val"], args, "completion", lr)
   if lora:
     c.lora.update(**lora)
   return c
-
-
-VARIANTS = {
-    "full": None,
-    "lora_r8": dict(rank=8, alpha=16.0, targets="query,value"),
-    "qlora_r8": dict(rank=8, alpha=16.0, targets="query,value", base_dtype="int8"),
-}
-LRS = {"full": 1e-3, "lora_r8": 3e-3, "qlora_r8": 3e-3}
 
 
 def memory(programs) -> dict:
@@ -137,28 +127,25 @@ def step_times(programs, base_params, steps: int, repeats: int) -> dict:
               "runs_ms": t} for n, t in times.items()}
 
 
-def exact_match(workdir: str, test: str) -> float:
-  from llmjax.eval.runner import evaluate_file
-  from llmjax.eval.tasks import Options
-  summary, _ = evaluate_file(workdir, test, options=Options(max_new_tokens=8), batch_size=64)
-  return summary["exact_match"]
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--width", type=int, default=128)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--pretrain_steps", type=int, default=300)
-  p.add_argument("--finetune_steps", type=int, default=1500)
-  p.add_argument("--train_examples", type=int, default=20000)
-  p.add_argument("--test_examples", type=int, default=500)
+  add_recipe_args(p)
+  p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--lora_alpha", type=float, default=16.0)
+  p.add_argument("--lora_targets", default="all", help="lora.targets of the lora/qlora variants")
+  p.add_argument("--lora_lr", type=float, default=5e-3, help="adapters' learning rate")
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-  p.add_argument("--repeats", type=int, default=5, help="timing rounds")
+  p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
   p.add_argument("--quality", action="store_true", help="also fine-tune and measure exact match")
-  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--variants", default="", help="comma-separated; default: all four")
   p.add_argument("--workdir", default="")
   p.add_argument("--out", default="")
   args = p.parse_args()
+  table = variants(args)
+  names = args.variants.split(",") if args.variants else list(table)
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
   import jax
 
   from llmjax import config as cfglib
@@ -166,25 +153,22 @@ def main() -> None:
   from llmjax import sharding as shd
   tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_lora_"))
   tmp.mkdir(parents=True, exist_ok=True)
-  train, val, test = addition_sets(0, args.train_examples, 200, args.test_examples)
-  paths = {}
-  for k, v in (("train", train), ("val", val), ("test", test)):
-    paths[k] = str(tmp / f"{k}.jsonl")
-    Path(paths[k]).write_text("".join(json.dumps(r) + "\n" for r in v))
+  train, val, test = addition_sets(args.seed, args.train_examples, 200, args.test_examples,
+                                   args.answer)
+  paths = {k: write_jsonl(tmp / f"{k}.jsonl", v) for k, v in
+           (("train", train), ("val", val), ("test", test))}
   result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
-            "args": vars(args)}
+            "args": vars(args), "load_at_start": os.getloadavg()}
   base = str(tmp / "base")
   if not (Path(base) / "checkpoints").exists():
     t0 = time.perf_counter()
-    loop.train(base_config(args.pretrain_steps, args.width, args.layers), base)
+    loop.train(base_config(args.pretrain_steps), base)
     result["pretrain_s"] = time.perf_counter() - t0
-  variants = args.variants.split(",")
   loaded = runs.load_run(base)
   programs = {}
-  for name in variants:
-    c = finetune_config(base, paths["train"], paths["val"], args.finetune_steps, LRS[name],
-                        VARIANTS[name])
+  for name in names:
+    c = lora_config(base, paths, args, *table[name])
     c.data.packing = False  # fixed rows for timing
     programs[name] = program.build(c, shd.make_mesh(c), cfglib.model_config(
         c, loaded.tokenizer.vocab_size))
@@ -194,26 +178,40 @@ def main() -> None:
           f"{m['optimizer_bytes'] / 1024:,.1f} KiB ({m['optimizer_vs_full']:.2%} of full); base "
           f"{m['base_bytes'] / 1024:,.1f} KiB ({m['base_vs_fp32']:.1%} of fp32; matrices "
           f"{m['matrix_bytes_per_param']:.2f} B/param, {m['matrices_vs_fp32']:.1%})", flush=True)
-  result["step_time"] = step_times(programs, loaded.params, args.steps, args.repeats)
+  result["step_time"] = (step_times(programs, loaded.params, args.steps, args.repeats)
+                         if args.repeats > 0 else {})
   for name, t in result["step_time"].items():
     print(f"{name:9s} step {t['min_ms']:.1f} / {t['median_ms']:.1f} / {t['max_ms']:.1f} ms "
           "(min / median / max)", flush=True)
   if args.quality:
     result["base_exact_match"] = exact_match(base, paths["test"])
     print(f"base model: exact match {result['base_exact_match']:.3f}", flush=True)
-    for name in variants:
-      work = str(tmp / f"ft_{name}")
+    for name in names:
+      # full fine-tuning is finetune_addition.py's completion-loss run (the same config): with a
+      # shared --workdir it is reused, not trained twice
+      work = str(tmp / ("ft_completion" if name == "full" else f"ft_{name}"))
       t0 = time.perf_counter()
-      if not (Path(work) / "checkpoints").exists():
-        loop.train(finetune_config(base, paths["train"], paths["val"], args.finetune_steps,
-                                   LRS[name], VARIANTS[name]), work)
+      reused = (Path(work) / "checkpoints").exists()
+      if not reused:
+        loop.train(lora_config(base, paths, args, *table[name]), work)
+      seconds = time.perf_counter() - t0
       em = exact_match(work, paths["test"])
-      result.setdefault("quality", {})[name] = {"exact_match": em,
-                                                "finetune_s": time.perf_counter() - t0}
-      print(f"{name:9s} exact match {em:.3f} after {args.finetune_steps} steps", flush=True)
+      result.setdefault("quality", {})[name] = {
+          "exact_match": em, "lr": table[name][1], "reused_run": reused,
+          "finetune_s": None if reused else seconds, "load_after": os.getloadavg(),
+          **run_figures(work)}
+      print(f"{name:12s} exact match {em:.3f} after {args.finetune_steps} steps", flush=True)
+      save(result, args.out)  # after every variant: a stopped run keeps the ones it finished
   print(json.dumps(result, indent=2))
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+  save(result, args.out)
+
+
+def save(result: dict, out: str) -> None:
+  """Writes the JSON atomically (a temporary file renamed over --out)."""
+  if out:
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
