@@ -1,7 +1,7 @@
 """Does masked-LM pretraining pay off? bert_small's MLM accuracy against the unigram baseline, and
 classification accuracy fine-tuned from the pretrained run vs the same architecture from scratch.
 
-  python benchmarks/bert_finetune.py --workdir=/tmp/bert_bench [--pretrain_steps=1500] \
+  python benchmarks/bert_finetune.py --workdir=/tmp/bert_bench [--pretrain_steps=1000] \
       [--finetune_steps=100] [--seeds=0,1,2] [--lrs=3e-4,1e-3] [--out=benchmarks/bert_finetune.json]
 
 1. Pretrains experiments/bert_small.py (MLM with whole-word masking + NSP) in WORKDIR/pretrained
@@ -155,7 +155,7 @@ ARMS = ("pretrained", "scratch")
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
-  p.add_argument("--pretrain_steps", type=int, default=1500)
+  p.add_argument("--pretrain_steps", type=int, default=1000)
   p.add_argument("--finetune_steps", type=int, default=100)
   p.add_argument("--finetune_batch", type=int, default=16)
   p.add_argument("--seeds", default="0,1,2")
