@@ -74,6 +74,62 @@ def test_sequence_parallel_trains_like_one_device(tmp_path):
   assert info["collectives"]["data2_sequence2_tensor2"] > 0
 
 
+# -- issue 11: the encoder-decoder (T5-style) and encoder (BERT-style) families on every mesh ----------
+import family_spmd_driver  # noqa: E402
+
+
+def _run_families(tmp_path, families, layouts) -> dict:
+  prefix = str(tmp_path / "run")
+  proc = run_cli(["tests/family_spmd_driver.py", prefix, ",".join(families), ",".join(layouts)],
+                 timeout=1200, env_extra={
+                     "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_XLA}"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = {}
+  for family in families:
+    path = f"{prefix}.{family}.npz"
+    out[family] = (json.loads(open(path + ".json").read()), dict(np.load(path)))
+  return out
+
+
+def _check_family_layouts(family, info, arrays, layouts):
+  ref = np.array(info["losses"]["single"])
+  assert len(ref) == spmd_driver.STEPS and np.all(np.isfinite(ref))
+  ref_p, init_p = _params(arrays, "single"), _params(arrays, "init_single")
+  assert len(ref_p) > 10
+  for layout in layouts:
+    np.testing.assert_allclose(info["losses"][layout], ref, rtol=1e-5, atol=0, err_msg=layout)
+    got_p = _params(arrays, layout)
+    assert got_p.keys() == ref_p.keys()
+    worst = max(float(np.max(np.abs(ref_p[k] - got_p[k]))) for k in ref_p)
+    assert worst <= 1e-5, f"{family} {layout}: params differ by {worst}"
+    assert info["collectives"][layout] > 0, layout  # the layout really split the work
+  # The parameters really moved in 5 steps, so the equalities are not vacuous.
+  assert max(float(np.max(np.abs(ref_p[k] - init_p[k]))) for k in ref_p) > 1e-3
+
+
+def test_encoder_decoder_trains_like_one_device_on_a_data_fsdp_tensor_mesh(tmp_path):
+  """T5-style encoder-decoder, seq2seq on packed pairs: (data=2, fsdp=2, tensor=2) gives one
+  device's losses and parameters (the quick check; every layout and the encoder: -m slow)."""
+  (info, arrays), = _run_families(tmp_path, ["encoder_decoder"],
+                                  ["single", "data2_fsdp2_tensor2"]).values()
+  _check_family_layouts("encoder_decoder", info, arrays, ["data2_fsdp2_tensor2"])
+
+
+@pytest.mark.slow
+def test_encoder_families_train_like_one_device_on_every_mesh(tmp_path):
+  """Encoder-decoder (seq2seq on packed pairs) and BERT-style encoder (MLM + NSP): data8, fsdp8,
+  fsdp4 x tensor2, data2 x fsdp2 x tensor2 and data2 x sequence2 x tensor2 give one device's
+  losses and parameters; sharded init equals single-device init; FSDP divides the state."""
+  layouts = list(family_spmd_driver.LAYOUTS)
+  for family, (info, arrays) in _run_families(tmp_path, list(family_spmd_driver.FAMILIES),
+                                               layouts).items():
+    _check_family_layouts(family, info, arrays, layouts[1:])
+    ref, got = _params(arrays, "init_single"), _params(arrays, "init_fsdp4_tensor2")
+    assert max(float(np.max(np.abs(ref[k] - got[k]))) for k in ref) <= 1e-7, family
+    mem = info["memory"]
+    assert mem["fsdp8"]["state"] <= mem["single"]["state"] / 8 * 1.05, (family, mem)
+
+
 def test_sharded_init_equals_unsharded_init(driver):
   """Initializing straight into (fsdp=4, tensor=2) shardings gives the single-device values."""
   _, arrays = driver
