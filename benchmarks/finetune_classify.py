@@ -128,7 +128,7 @@ def sklearn_baselines(train, test) -> dict:
 def base_config(steps: int, corpus: str, dropout: float, seed: int):
   from llmjax.config import default_config
   c = default_config()
-  # ~130k tokens of text: without dropout 1,500 steps (~11 epochs) memorize it (train loss 1.0,
+  # ~110k tokens of text: without dropout 1,500 steps (~15 epochs) memorize it (train loss 1.0,
   # val 5.2); fine-tuning inherits the model config, so the dropout applies there too
   c.model.update(num_layers=4, num_heads=4, embed_dim=128, max_seq_len=64, position="rotary",
                  norm="rmsnorm", mlp="swiglu", use_bias=False, scan_layers=False, dropout=dropout)
