@@ -142,11 +142,40 @@ def test_addition_bar(tmp_path):
   assert result["completion_loss"]["exact_match"] >= 0.9
 
 
+def test_classification_split_never_trains_on_held_out_text(tmp_path):
+  """benchmarks/finetune_classify.py's task: training windows lie inside the training regions,
+  no region holds a held-out snippet, and the pretraining corpus leaves the held-out text out."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import finetune_classify as fc
+  windows, test, plain, regions = fc.topic_sets()
+  assert len(test) == 95 and len(plain) == 387 and len(windows) > 4 * len(plain)
+  assert {r["label"] for r in windows} == {r["label"] for r in test} == set(fc.TOPICS.values())
+  label_of = fc.TOPICS
+  held = [r["text"] for r in test]
+  for w in windows:
+    assert len(w["text"]) >= 119  # words + separating spaces reach 120 with a trailing space
+    key = next(k for k, v in label_of.items() if v == w["label"])
+    assert any(w["text"] in region for region in regions[key])
+  for region in (r for rs in regions.values() for r in rs):
+    assert not any(h in region for h in held)
+  corpus = fc.write_pretraining_corpus(tmp_path / "corpus", regions)
+  import glob
+  text = "\n".join(open(f).read() for f in glob.glob(corpus))
+  assert not any(h in text for h in held)
+  assert all(p["text"] in text for p in plain)
+
+
 @pytest.mark.slow
 def test_classification_bar(tmp_path):
-  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy."""
+  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy
+  (benchmarks/finetune_classify.py's defaults: pretraining, fine-tuning and the from-scratch
+  comparison, whose figures are reported, not asserted). Narrow: the defaults (seed 0) gave 91 of
+  95 on the shared CPU, --seed=1 gave 86 (benchmarks/RESULTS.md, issue 9)."""
   out = tmp_path / "cls.json"
   proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
                   f"--workdir={tmp_path / 'runs'}"], timeout=7200)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert json.loads(out.read_text())["test_accuracy"] >= 0.95
+  result = json.loads(out.read_text())
+  assert result["sklearn"]["train_windows"]["char_2-5gram"]["accuracy"] >= 0.95
+  assert "scratch" in result and result["pretrained"]["test_accuracy"] == result["test_accuracy"]
+  assert result["test_accuracy"] >= 0.95
