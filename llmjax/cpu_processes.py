@@ -3,9 +3,9 @@
 One XLA CPU device runs a small model's step mostly on one core, and two in-process CPU devices
 deadlocked in their gradient all-reduce (benchmarks/RESULTS.md). So, like `torchrun
 --nproc_per_node`, `python -m llmjax.main` re-launches itself as N local processes joined by
-`jax.distributed` on 127.0.0.1 (CPU collectives over gloo), each pinned to its own core(s) with a
-single-threaded XLA runtime (--xla_cpu_multi_thread_eigen=false), each taking its rows of every
-batch. The batch is still a pure function of (seed, step) and the mesh's data axis spans the
+`jax.distributed` on 127.0.0.1 (CPU collectives over gloo), each with a single-threaded XLA
+runtime (--xla_cpu_multi_thread_eigen=false), each taking its rows of every batch. The OS places
+them (LLMJAX_CPU_PIN=1 pins each to its own core(s) instead: faster only on an idle host). The batch is still a pure function of (seed, step) and the mesh's data axis spans the
 processes, so a run trains like one process up to float rounding, resumes exactly, and process
 0 alone writes the workdir's files (as on a multi-host cluster).
 
@@ -78,7 +78,7 @@ def why_not(config, env=os.environ) -> str | None:
     return "mesh.distributed configures a multi-process job already"
   if distributed.on_tpu_pod(env) or distributed.in_slurm_job(env):
     return "this is one process of a TPU-pod/SLURM job"
-  backend = default_backend()
+  backend = default_backend(env)
   if backend != "cpu":
     return f"the default backend is {backend}, not the CPU"
   return None
@@ -136,7 +136,9 @@ def join(config, env=os.environ) -> tuple[int, int] | None:
     return None
   rank, count, port, parent, cpus = spec.split(",", 4)
   _die_with_parent(int(parent))
-  if cpus and hasattr(os, "sched_setaffinity"):
+  # Pinning is opt-in (LLMJAX_CPU_PIN=1): on a shared 2-core host (load 12) pinned workers ran
+  # 210 ms/step against 95 ms unpinned, as a pinned worker cannot leave a core another job holds.
+  if cpus and hasattr(os, "sched_setaffinity") and env.get("LLMJAX_CPU_PIN", "0") == "1":
     try:
       os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     except OSError:  # a container may refuse; the run is still correct, only slower
