@@ -145,9 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
   # single device (default); N = N devices for data parallelism over the cores; 0 = one per core.
   c.mesh.cpu_devices = 1
   # -- issue 12: data parallelism over a CPU host's cores as local processes joined by
-  # jax.distributed, each pinned to its core(s) (llmjax/cpu_processes.py; `python -m llmjax.main`
-  # re-launches itself): 1 = one process (default); N = N processes; 0 = one per core (dividing
-  # the micro-batch). CPU runs only; ignored with a note on accelerators and in multi-host jobs.
+  # jax.distributed (llmjax/cpu_processes.py; `python -m llmjax.main` re-launches itself):
+  # 1 = one process (default); N = N processes; 0 = one per core (dividing the micro-batch).
+  # CPU runs only; ignored with a note on accelerators and in multi-host jobs.
   c.mesh.cpu_processes = 1
 
   # --- issue 11 (encoders) ---------------------------------------------------------------------

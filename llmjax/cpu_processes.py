@@ -5,9 +5,11 @@ deadlocked in their gradient all-reduce (benchmarks/RESULTS.md). So, like `torch
 --nproc_per_node`, `python -m llmjax.main` re-launches itself as N local processes joined by
 `jax.distributed` on 127.0.0.1 (CPU collectives over gloo), each with a single-threaded XLA
 runtime (--xla_cpu_multi_thread_eigen=false), each taking its rows of every batch. The OS places
-them (LLMJAX_CPU_PIN=1 pins each to its own core(s) instead: faster only on an idle host). The batch is still a pure function of (seed, step) and the mesh's data axis spans the
-processes, so a run trains like one process up to float rounding, resumes exactly, and process
-0 alone writes the workdir's files (as on a multi-host cluster).
+them (LLMJAX_CPU_PIN=1 pins each to its own core(s) instead: faster only on an idle host). The
+batch is still a pure function of (seed, step) and the mesh's data axis spans the processes, so
+a run trains like one process up to float rounding, resumes exactly, and process 0 alone writes
+the workdir's files (as on a multi-host cluster). Their gradients cross as one flat vector
+(llmjax/dp_grads.py).
 
 `mesh.cpu_processes`:
   1 (default): one process (nothing is launched).
@@ -25,7 +27,6 @@ status. Workers die with the parent (PR_SET_PDEATHSIG), so none is left behind.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket
@@ -198,7 +199,7 @@ def launch(count: int, argv: list[str] | None = None, quiet_others: bool = True)
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   status = 0
   try:
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll every one (any() would stop at the first)
       failed = [p.returncode for p in procs if p.returncode]
       if failed:  # the others would wait on a collective forever
         status = failed[0]

@@ -118,3 +118,49 @@ def test_two_cpu_processes_resume_exactly(tmp_path):
   for a, b in zip(_params(straight / "checkpoints" / "4"), _params(resumed / "checkpoints" / "4")):
     np.testing.assert_array_equal(a, b)
   assert [m["loss"] for m in _metrics(straight)] == [m["loss"] for m in _metrics(resumed)]
+
+
+WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+rank = os.environ["LLMJAX_CPU_PROCESS"].split(",")[0]
+out = Path(sys.argv[1])
+if sys.argv[2] == "fail" and rank == "1":
+  print("worker 1 cannot go on", file=sys.stderr)
+  sys.exit(3)
+signal.signal(signal.SIGTERM, lambda *a: ((out / f"term{rank}").write_text("x"), sys.exit(0)))
+(out / f"ready{rank}").write_text("x")
+time.sleep(60)
+sys.exit(5)
+"""
+
+
+def _launcher(tmp_path, mode):
+  import subprocess
+  import sys
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  code = ("import sys; from llmjax import cpu_processes as cp; "
+          f"sys.exit(cp.launch(2, [{str(script)!r}, {str(tmp_path)!r}, {mode!r}]))")
+  return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_launcher_forwards_a_stop_to_every_worker(tmp_path):
+  import signal
+  import time
+  proc = _launcher(tmp_path, "wait")
+  deadline = time.monotonic() + 60
+  while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 0
+  assert (tmp_path / "term0").exists() and (tmp_path / "term1").exists()
+
+
+def test_launcher_stops_the_others_when_one_fails(tmp_path):
+  proc = _launcher(tmp_path, "fail")
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 3  # worker 1's status; worker 0 was stopped, not left waiting
+  assert "[process 1] worker 1 cannot go on" in err
