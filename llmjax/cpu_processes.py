@@ -16,9 +16,10 @@ the workdir's files (as on a multi-host cluster). Their gradients cross as one f
   N > 1: N processes.
   0 (auto): one per core this process may run on, reduced to the largest count that divides the
      micro-batch (data.batch_size / train.grad_accum_steps) per XLA device; 1 on a 1-core host.
-It applies to CPU runs only: on a GPU/TPU host, or when the run is already one process of a
-multi-process job (mesh.distributed / --coordinator_address, TPU pods, SLURM), it is ignored
-with a note, and the run stays in this process.
+The environment variable LLMJAX_CPU_PROCESSES, when set, overrides it. It applies to CPU runs
+only: on a GPU/TPU host, or when the run is already one process of a multi-process job
+(mesh.distributed / --coordinator_address, TPU pods, SLURM), it is ignored with a note, and the
+run stays in this process.
 
 The parent only launches and waits: it forwards SIGINT/SIGTERM once to every worker (they agree
 on the step to stop at and save it, llmjax.preemption), stops the others when one fails (one
@@ -37,6 +38,9 @@ import time
 
 from llmjax.config import ConfigError
 
+# When set, overrides mesh.cpu_processes (the test suite sets 1: its many short CLI runs of
+# experiments/shakespeare_char.py would otherwise each start two processes).
+COUNT_ENV = "LLMJAX_CPU_PROCESSES"
 # Set in each worker's environment: "rank,count,port,launcher pid,cpus" (cpus: core ids, commas).
 ENV = "LLMJAX_CPU_PROCESS"
 SINGLE_THREAD_FLAG = "--xla_cpu_multi_thread_eigen=false"
@@ -49,9 +53,15 @@ def host_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def choose(config, cores: int | None = None) -> int:
+def choose(config, cores: int | None = None, env=os.environ) -> int:
   """How many processes `config` asks for on a host with `cores` cores (see the docstring)."""
   requested = int(config.mesh.get("cpu_processes", 1))
+  if env.get(COUNT_ENV, "").strip():
+    try:
+      requested = int(env[COUNT_ENV])
+    except ValueError:
+      raise ConfigError(f"{COUNT_ENV}={env[COUNT_ENV]!r} must be a process count (0: one per "
+                        "core), like mesh.cpu_processes") from None
   if requested < 0:
     raise ConfigError(f"mesh.cpu_processes={requested} must be 0 (one per core), 1 (off) or a "
                       "process count")

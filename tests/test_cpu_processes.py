@@ -21,6 +21,7 @@ TRAIN = ["-m", "llmjax.main", "--config=experiments/shakespeare_char.py",
          "--config.train.progress=False", "--config.optim.warmup_steps=1",
          "--config.train.peak_flops=1e12"]
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+ASKED = {cp.COUNT_ENV: ""}  # the suite sets LLMJAX_CPU_PROCESSES=1 (conftest); here the config decides
 
 
 def _config(processes=1, batch=12, accum=1, devices=1):
@@ -32,17 +33,22 @@ def _config(processes=1, batch=12, accum=1, devices=1):
 
 def test_process_count_choice():
   assert cfglib.default_config().mesh.cpu_processes == 1         # off unless asked for
-  assert cp.choose(_config(1), cores=2) == 1
-  assert cp.choose(_config(3), cores=2) == 3                     # explicit wins
-  assert cp.choose(_config(0), cores=2) == 2                     # auto: one per core
-  assert cp.choose(_config(0), cores=1) == 1                     # ... so one on a 1-core host
-  assert cp.choose(_config(0, batch=9), cores=2) == 1            # ... dividing the batch
-  assert cp.choose(_config(0, batch=12, accum=3), cores=8) == 4  # ... and the micro-batch
-  assert cp.choose(_config(0, devices=2), cores=4) == 3          # 3 x 2 devices divide 12
+  assert cp.choose(env={}, config=_config(1), cores=2) == 1
+  assert cp.choose(env={}, config=_config(3), cores=2) == 3                     # explicit wins
+  assert cp.choose(env={}, config=_config(0), cores=2) == 2                     # auto: one per core
+  assert cp.choose(env={}, config=_config(0), cores=1) == 1                     # ... so one on a 1-core host
+  assert cp.choose(env={}, config=_config(0, batch=9), cores=2) == 1            # ... dividing the batch
+  assert cp.choose(env={}, config=_config(0, batch=12, accum=3), cores=8) == 4  # ... and the micro-batch
+  assert cp.choose(env={}, config=_config(0, devices=2), cores=4) == 3          # 3 x 2 devices divide 12
   with pytest.raises(cfglib.ConfigError, match="mesh.cpu_processes=-1 must be"):
-    cp.choose(_config(-1))
+    cp.choose(env={}, config=_config(-1))
   with pytest.raises(cfglib.ConfigError, match="mesh.cpu_processes=-2 must be"):
     cfglib.validate(_config(-2))
+  # the environment overrides the config (the test suite runs everything in one process)
+  assert cp.choose(_config(0), cores=2, env={cp.COUNT_ENV: "1"}) == 1
+  assert cp.choose(_config(1), cores=2, env={cp.COUNT_ENV: "2"}) == 2
+  with pytest.raises(cfglib.ConfigError, match="LLMJAX_CPU_PROCESSES='two' must be"):
+    cp.choose(_config(1), env={cp.COUNT_ENV: "two"})
 
 
 def test_cores_are_split_between_processes():
@@ -66,7 +72,8 @@ def test_one_process_where_local_processes_cannot_run():
 
 
 def test_bad_process_count_is_one_line(tmp_path):
-  proc = run_cli([*TRAIN, f"--workdir={tmp_path}", "--config.mesh.cpu_processes=5"], timeout=120)
+  proc = run_cli([*TRAIN, f"--workdir={tmp_path}", "--config.mesh.cpu_processes=5"],
+                 env_extra=ASKED, timeout=120)
   # 5 processes cannot split the micro-batch of 4 rows: said once, by the launcher, exit 2
   assert proc.returncode == 2, proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("llmjax: error:")]
@@ -91,7 +98,7 @@ def test_two_cpu_processes_train_like_one(tmp_path):
   """2 pinned processes (one flat gradient all-reduce, strided micro-batches of 2 x 2 rows) vs
   one process: the same losses and weights up to float rounding; process 0 alone speaks."""
   one, two = tmp_path / "one", tmp_path / "two"
-  env = {"XLA_FLAGS": FAST_XLA}
+  env = {"XLA_FLAGS": FAST_XLA, **ASKED}
   ref = run_cli([*TRAIN, f"--workdir={one}", "--config.train.steps=3"], env_extra=env, timeout=300)
   proc = run_cli([*TRAIN, f"--workdir={two}", "--config.train.steps=3",
                   "--config.mesh.cpu_processes=2"], env_extra=env, timeout=300)
@@ -112,7 +119,8 @@ def test_two_cpu_processes_resume_exactly(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   args = [*TRAIN, "--config.mesh.cpu_processes=2", "--config.train.checkpoint_every=2"]
   for workdir, steps in ((straight, 4), (resumed, 2), (resumed, 4)):
-    proc = run_cli([*args, f"--workdir={workdir}", f"--config.train.steps={steps}"], timeout=300)
+    proc = run_cli([*args, f"--workdir={workdir}", f"--config.train.steps={steps}"],
+                   env_extra=ASKED, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from step 2" in proc.stdout
   for a, b in zip(_params(straight / "checkpoints" / "4"), _params(resumed / "checkpoints" / "4")):
