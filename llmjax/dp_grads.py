@@ -4,7 +4,7 @@ Under plain SPMD, XLA reduces the partial gradients of a data-parallel step as o
 of a tuple of every parameter's gradient. On the CPU that all-reduce goes through gloo, where a
 tuple of 27 arrays (3.2 MB, nanoGPT's shakespeare_char model) took 83-118 ms between two local
 processes against 3.5-5.5 ms for the same bytes as one array (benchmarks/RESULTS.md, "Issue 12").
-So on a CPU mesh whose only split axis is the batch (mesh.cpu_processes / mesh.cpu_devices
+So on a CPU mesh over several processes whose only split axis is the batch (mesh.cpu_processes
 data parallelism), the gradient runs under `shard_map`: each device differentiates its own rows
 (accumulating its share of every micro-batch), then the gradients and metrics travel as one
 flat float32 vector in a single `psum`, as PyTorch DDP buckets them.
@@ -29,12 +29,14 @@ from jax.sharding import PartitionSpec as P
 
 
 def applies(mesh) -> bool:
-  """A CPU mesh split only along the batch (data, fsdp=1 and every other axis 1), on more than
-  one device: there the one-vector all-reduce replaces XLA's tuple all-reduce. On GPUs/TPUs
-  XLA overlaps per-layer all-reduces with the backward pass, which a single psum at the end
-  would lose, so they keep plain SPMD."""
+  """A CPU mesh over several processes (gloo collectives) split only along the batch (data;
+  fsdp and every other axis 1): there the one-vector all-reduce replaces XLA's tuple
+  all-reduce. In-process CPU devices (mesh.cpu_devices) do not go through gloo and keep plain
+  SPMD, as do GPUs/TPUs, where XLA overlaps per-layer all-reduces with the backward pass (a
+  single psum at the end would lose that)."""
   sizes = dict(mesh.shape)
-  if mesh.devices.flat[0].platform != "cpu" or mesh.devices.size < 2:
+  devices = list(mesh.devices.flat)
+  if devices[0].platform != "cpu" or len({d.process_index for d in devices}) < 2:
     return False
   return all(size == 1 for axis, size in sizes.items() if axis != "data")
 
