@@ -102,10 +102,22 @@ def worker(spec: dict) -> dict:
     section, field = key.split(".", 1)
     config[section][field] = value
   cfglib.validate(config)
+  # mesh.cpu_processes (issue 12): as llmjax.main does, this worker re-launches itself as the
+  # processes, all on one workdir; rank 0 prints the result line.
+  from llmjax import cpu_processes
+  worker_of = cpu_processes.join(config)
   configure_cpu_devices(config)  # as llmjax.main does, before JAX starts
+  count = cpu_processes.choose(config) if worker_of is None else 1
+  if count > 1 and not cpu_processes.why_not(config):
+    with tempfile.TemporaryDirectory(prefix="llmjax_bench_") as workdir:
+      spec = dict(spec, workdir=workdir)
+      status = cpu_processes.launch(count, [sys.argv[0], "--worker", json.dumps(spec)])
+    sys.exit(status)
+  from llmjax import distributed
+  distributed.initialize(config)
   import jax
   cfglib.validate(config, num_devices=jax.device_count())
-  with tempfile.TemporaryDirectory(prefix="llmjax_bench_") as workdir:
+  with _workdir(spec.get("workdir")) as workdir:
     devnull = open(os.devnull, "w")
     stderr, sys.stderr = sys.stderr, devnull  # the progress bar still runs; keep the pipe quiet
     try:
@@ -120,10 +132,19 @@ def worker(spec: dict) -> dict:
   intervals = [r["step_time_ms"] for r in records[1:]]  # the first interval includes compilation
   cfg = model_config(config, vocab)
   return {"step_time_ms": intervals, "devices": jax.device_count(),
+          "processes": jax.process_count(),
           "tokens_per_step": config.data.batch_size * config.data.seq_len,
           "flops_per_token": mlib.flops_per_token(cfg, config.data.seq_len),
           "params": num_params(cfg), "vocab_size": vocab,
           "final_loss": records[-1]["loss"] if records else None}
+
+
+def _workdir(given: str | None):
+  """The launcher's shared workdir in a cpu_processes worker, else a fresh temporary one."""
+  import contextlib
+  if given:
+    return contextlib.nullcontext(given)
+  return tempfile.TemporaryDirectory(prefix="llmjax_bench_")
 
 
 def _literal(value: str):
@@ -232,7 +253,12 @@ def main(argv=None) -> dict:
   if args.worker:
     spec = json.loads(args.worker)
     result = nanogpt_worker(spec) if spec.get("kind") == "nanogpt" else worker(spec)
-    print(json.dumps(result))
+    if spec.get("kind") == "nanogpt":
+      print(json.dumps(result))
+    else:
+      import jax
+      if jax.process_index() == 0:  # with mesh.cpu_processes, rank 0 reports for the run
+        print(json.dumps(result))
     return result
 
   if args.tiny:

@@ -41,6 +41,10 @@ def get_config():
   c = base.get_config()
   # Same model as nanoGPT's; what changes is how it is trained.
   c.model.update(matmul_dtype="bfloat16")   # bf16 x bf16 -> f32 matmuls (AVX-512 BF16)
+  # One process: Muon's Newton-Schulz update is replicated work that data-parallel processes
+  # cannot split, and single-threaded workers run it slower (2 processes: 81-89 ms/step, 59.2 s
+  # for the whole run; 1 process: 65-69 ms/step, 43.5 s; benchmarks/RESULTS.md, issue 12).
+  c.mesh.cpu_processes = 1
   c.optim.update(optimizer="muon", muon_lr=0.02, muon_momentum=0.95,  # layer matrices
                  lr=3e-3,                    # AdamW on embeddings and norms
                  warmup_steps=20, schedule="linear", min_lr_ratio=0.0, weight_decay=0.0)

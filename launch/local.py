@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     procs.append((proc, thread))
   status, start = 0, time.monotonic()
   try:
-    while any(proc.poll() is None for proc, _ in procs):
+    while [proc.poll() for proc, _ in procs].count(None):  # poll all: any() stops at the first
       failed = [proc.returncode for proc, _ in procs if proc.returncode]
       if failed:  # one failed process would leave the others waiting on collectives forever
         status = failed[0]

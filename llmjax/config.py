@@ -144,6 +144,11 @@ def default_config() -> ml_collections.ConfigDict:
   # XLA devices to split a CPU host into before JAX starts (llmjax/cpu_devices.py): 1 = XLA's
   # single device (default); N = N devices for data parallelism over the cores; 0 = one per core.
   c.mesh.cpu_devices = 1
+  # -- issue 12: data parallelism over a CPU host's cores as local processes joined by
+  # jax.distributed (llmjax/cpu_processes.py; `python -m llmjax.main` re-launches itself):
+  # 1 = one process (default); N = N processes; 0 = one per core (dividing the micro-batch).
+  # CPU runs only; ignored with a note on accelerators and in multi-host jobs.
+  c.mesh.cpu_processes = 1
 
   # --- issue 11 (encoders) ---------------------------------------------------------------------
   # Special tokens appended after a char/byte/sentencepiece vocabulary (HF tokenizers bring their
@@ -308,6 +313,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _need(d_.process_id >= -1, f"mesh.distributed.process_id={d_.process_id} must be >= 0 (or -1)")
   _need(config.mesh.cpu_devices >= 0,
         f"mesh.cpu_devices={config.mesh.cpu_devices} must be 0 (one per core) or a device count")
+  _need(config.mesh.cpu_processes >= 0,  # issue 12
+        f"mesh.cpu_processes={config.mesh.cpu_processes} must be 0 (one per core), 1 (one "
+        "process) or a process count")
   if num_devices is not None:
     sizes = mesh_shape(config, num_devices, num_slices)
     batch_shards = sizes["data"] * sizes["fsdp"]

@@ -553,7 +553,7 @@ def _train_steps(run: Run, state, start: int, writer, progress, mfu_per_step_tim
         run.keep_if_best(state, done, result)
         last_log_time = time.perf_counter()  # eval time is not step time
       preempted = multi_host and run.checkpointer.manager.reached_preemption(done)
-      if stop.requested() or preempted:
+      if stop.requested(done) or preempted:
         finished(upto=done)
         _check_nonfinite(run, jax.device_get(pending), done)
         run.save(state, done)

@@ -74,7 +74,11 @@ def main(argv):
     distributed.apply_flags(config, FLAGS.coordinator_address, FLAGS.num_processes,
                             FLAGS.process_id)
     cfglib.validate(config)         # schema and sizes, before anything reads the config
+    from llmjax import cpu_processes
+    worker = cpu_processes.join(config)  # issue 12: a local worker is pinned before JAX starts
     configure_cpu_devices(config)   # must precede the first JAX operation
+    if worker is None and _launch_cpu_processes(config):  # this process only launched workers
+      return
     distributed.initialize(config)
     cfglib.validate(config, num_devices=jax.device_count(),
                     num_slices=shd.num_slices(config, jax.devices()))
@@ -85,6 +89,27 @@ def main(argv):
     fail(str(e))
   except NonFiniteError as e:
     fail(str(e), status=1)
+
+
+def _launch_cpu_processes(config) -> bool:
+  """mesh.cpu_processes (llmjax/cpu_processes.py), outside a worker: when more than one process
+  is asked for on a CPU host, launches them as this same command, waits, and exits with their
+  status. False: train in this process."""
+  from llmjax import cpu_processes
+  count = cpu_processes.choose(config)
+  if count <= 1:
+    return False
+  why = cpu_processes.why_not(config)
+  if why:
+    print(f"llmjax: mesh.cpu_processes={config.mesh.cpu_processes} ignored: {why}; training in "
+          "one process", file=sys.stderr, flush=True)
+    return False
+  # the sizes the workers will see, checked once here: a bad batch is one line, not N
+  cfglib.validate(config, num_devices=count * max(config.mesh.cpu_devices, 1))
+  status = cpu_processes.launch(count)
+  if status:
+    sys.exit(status if status > 0 else 1)
+  return True
 
 
 def _config_arg(argv) -> str:

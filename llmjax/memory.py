@@ -72,8 +72,11 @@ def agreed_limit(limit: int | None) -> int | None:
     return limit
   import numpy as np
   from jax.experimental import multihost_utils
-  values = np.asarray(multihost_utils.process_allgather(np.int64(-1 if limit is None else limit)))
-  return None if (values < 0).any() else int(values.min())
+  # in KiB: without jax_enable_x64 the all-gather carries int32, and bytes (17 GB of host RAM)
+  # would wrap around (a 17 GB host then read as 0.3 MiB and refused every step; issue 12)
+  kib = -1 if limit is None else min(limit // 1024, np.iinfo(np.int32).max)
+  values = np.asarray(multihost_utils.process_allgather(np.int32(kib)))
+  return None if (values < 0).any() else int(values.min()) * 1024
 
 
 def step_memory(program, batch_keys) -> dict | None:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 
 from llmjax import adapters
+from llmjax import dp_grads
 from llmjax import config as cfglib
 from llmjax import objectives as objlib
 from llmjax import sharding as shd
@@ -117,7 +118,8 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
   train_step = trainlib.make_train_step(
       model, optimizer, schedule, objective, seed=t.seed, grad_accum_steps=t.grad_accum_steps,
       nonfinite_policy=t.nonfinite_policy, nonfinite_halt_after=t.nonfinite_halt_after,
-      inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads), trainable=trainable)
+      inject_nan_grads=cfglib.parse_steps(t.inject_nan_grads), trainable=trainable,
+      flat_allreduce_mesh=mesh if dp_grads.applies(mesh) else None)  # issue 12
   eval_step = trainlib.make_eval_step(model, objective, seed=t.seed)
   return Program(
       config=config, mesh=mesh, rules=rules, model_config=model_config, model=model,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from llmjax import sharding as shd
+from llmjax import dp_grads
 
 
 @flax.struct.dataclass
@@ -130,12 +131,14 @@ def guarded_update(state, grads, loss, params, opt_state, policy: str, halt_afte
 def make_train_step(model, optimizer, schedule, objective=None, *, seed: int,
                     grad_accum_steps: int = 1, nonfinite_policy: str = "halt",
                     nonfinite_halt_after: int = 1, inject_nan_grads: tuple[int, ...] = (),
-                    trainable=None) -> Callable:
+                    trainable=None, flat_allreduce_mesh=None) -> Callable:
   """state, batch -> (state, metrics) for `objective` (an llmjax.objectives.Objective; default
   plain causal LM). With accumulation the batch's leading axis is split into `grad_accum_steps`
   micro-batches whose gradients (and reported losses) are averaged (a scan keeps memory flat).
   `trainable`: a pytree of bools (objective.trainable) or None for all; only the trainable part
   is differentiated and updated (see `partition`; the optimizer must be `only_trainable`).
+  `flat_allreduce_mesh`: a CPU data-parallel mesh whose gradients then cross devices as one flat
+  vector (llmjax/dp_grads.py, issue 12); None: plain SPMD.
   Non-finite steps are handled by `guarded_update`. Metrics: loss, grad_norm, lr, the
   guard's counters, and every extra aux entry of the objective (not aux["weight"])."""
   objective = objective if objective is not None else default_objective(model)
@@ -153,11 +156,13 @@ def make_train_step(model, optimizer, schedule, objective=None, *, seed: int,
       state = state.replace(params=train_params)
     grad_fn = lambda p, b, r: value_and_grad(p, b, r, frozen)  # noqa: E731
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    if grad_accum_steps == 1:
+    if flat_allreduce_mesh is not None:  # issue 12: one flat all-reduce (llmjax/dp_grads.py)
+      aux, grads = dp_grads.make(value_and_grad, flat_allreduce_mesh, grad_accum_steps)(
+          state.params, batch, rng, frozen)
+    elif grad_accum_steps == 1:
       (_, aux), grads = grad_fn(state.params, batch, rng)
     else:
-      micro = jax.tree.map(
-          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+      micro = dp_grads.micro_batches(batch, grad_accum_steps)  # strided rows (see there)
 
       def accumulate(carry, xs):
         grads_sum, aux_sum = carry

@@ -15,6 +15,9 @@ SHARED = Path(os.environ.get("LLMJAX_SHARED_DIR") or ROOT.parent / "shared")
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# experiments/shakespeare_char.py trains as one process per core (mesh.cpu_processes=0, issue 12);
+# the suite's many short CLI runs stay single-process (tests/test_cpu_processes.py covers the rest)
+os.environ.setdefault("LLMJAX_CPU_PROCESSES", "1")
 
 
 def pytest_configure(config):
