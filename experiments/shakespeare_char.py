@@ -15,13 +15,10 @@ def get_config():
                  # (benchmarks/RESULTS.md), and compiles in seconds either way
                  scan_layers=False)
   c.data.update(tokenizer="char", seq_len=64, batch_size=12)
-  # Issue 12 (benchmarks/RESULTS.md): both cores as two data-parallel processes (llmjax.main
-  # re-launches itself; one on a 1-core host; equal to one process up to float rounding), and
-  # bf16 x bf16 -> float32 matmuls (this CPU has AVX-512 BF16: ~390 vs ~200 GFLOP/s; validation
-  # loss at step 2000 1.8984 vs 1.8987 in float32, 200 batches, seed 0). Together: the 6-layer
-  # 384-wide variant 1,309 -> 1,076 ms/step; this model within noise (43-47 ms/step either way).
-  c.mesh.cpu_processes = 0
-  c.model.matmul_dtype = "bfloat16"
+  # One process, float32 matmuls: for this small model neither two data-parallel processes
+  # (--config.mesh.cpu_processes=0: one per core) nor bf16 matmuls (model.matmul_dtype=bfloat16)
+  # was faster on the 2-core EPYC (43-47 ms/step either way, issue 12 in benchmarks/RESULTS.md);
+  # both help the 6-layer 384-wide variant (1,309 -> 1,076 ms/step), whose benchmark sets them.
   # nanoGPT: lr 1e-3 -> 1e-4 (cosine) over 2000 iterations after 100 warmup, AdamW betas 0.9/0.99,
   # weight decay 0.1 on every matrix (embeddings included), clip 1.0.
   c.optim.update(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1,
