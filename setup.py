@@ -31,6 +31,9 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            # the suite runs on 2 workers (pytest.ini): most of its time is single-threaded XLA
+            # compilation of tiny models, so 2 cores nearly halve it
+            "pytest-xdist>=3.5",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
