@@ -313,11 +313,11 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
       row.extend(new)
     if record is not None:
       logits.append(np.asarray(record)[: len(prompts), : steps - cached])
-  tokens = [_cut_at_eos(row, eos_id) for row in rows]
+  tokens = [cut_at_eos(row, eos_id) for row in rows]
   return Generation(tokens, np.concatenate(logits, axis=1) if return_logits else None)
 
 
-def _cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
+def cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
   if eos_id is not None and eos_id in ids:
     return ids[: ids.index(eos_id) + 1]
   return ids

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax import beam_search as bs
+from llmjax.generate import cut_at_eos
 from llmjax.model.encoder_decoder import unstack_decoder
 from llmjax.sampling import Sampler, sample
 
@@ -146,12 +147,6 @@ def _beams_on_device(model, cache_len, max_new_tokens, beams, params, src, src_s
   return bs.search(step, reorder, cache, logits, batch, beams, max_new_tokens, eos_id)
 
 
-def _cut(ids: list[int], eos_id: int | None) -> list[int]:
-  if eos_id is not None and eos_id in ids:
-    return ids[: ids.index(eos_id) + 1]
-  return ids
-
-
 def generate(model, params, sources: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampler: Sampler | None = None, seed: int = 0, eos_id: int | None = None,
              num_beams: int = 1, length_penalty: float = 1.0,
@@ -175,7 +170,7 @@ def generate(model, params, sources: Sequence[Sequence[int]], max_new_tokens: in
                                  batch.tokens, batch.segment_ids, jax.random.key(seed), eos,
                                  sampler.dynamic())
   out = np.asarray(out)[: batch.size, : int(steps)]
-  return [_cut(row.tolist(), eos_id) for row in out]
+  return [cut_at_eos(row.tolist(), eos_id) for row in out]
 
 
 def recompute_generate(model, params, sources: Sequence[Sequence[int]], max_new_tokens: int,
@@ -184,7 +179,7 @@ def recompute_generate(model, params, sources: Sequence[Sequence[int]], max_new_
   The reference the cached path is checked against (tests) and timed against (benchmarks)."""
   batch = _prepare(model, sources, max_new_tokens)
   out = _recompute(model, max_new_tokens, params, batch.tokens, batch.segment_ids)
-  return [_cut(row.tolist(), eos_id) for row in np.asarray(out)[: batch.size]]
+  return [cut_at_eos(row.tolist(), eos_id) for row in np.asarray(out)[: batch.size]]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))

@@ -22,9 +22,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from llmjax.model.config import TransformerConfig
-from llmjax.model.layers import (DenseGeneral, Norm, constrain, dense_weight, embedding_rows,
-                                 logical_init, zeros_init)
-from llmjax.model.transformer import position_encoding, scanned_blocks
+from llmjax.model.layers import (DenseGeneral, Norm, constrain, dense_weight, logical_init,
+                                 zeros_init)
+from llmjax.model.transformer import embed_tokens, scanned_blocks
 
 
 def activation(cfg: TransformerConfig, x):
@@ -88,10 +88,7 @@ class Encoder(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-    embedding = self.param("token_embedding", logical_init(cfg, ("vocab", "embed")),
-                           (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
-    x = embedding_rows(embedding, tokens).astype(cfg.compute_dtype)
-    x = x + position_encoding(self, cfg, positions)
+    x, embedding = embed_tokens(self, cfg, tokens, positions)
     if cfg.type_vocab_size:
       types = self.param("type_embedding", logical_init(cfg, (None, "embed")),
                          (cfg.type_vocab_size, cfg.embed_dim), cfg.weight_dtype)

@@ -75,10 +75,7 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-    embedding = self.param("token_embedding", logical_init(cfg, ("vocab", "embed")),
-                           (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
-    x = embedding_rows(embedding, tokens).astype(cfg.compute_dtype)
-    x = x + position_encoding(self, cfg, positions)
+    x, embedding = embed_tokens(self, cfg, tokens, positions)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, ("batch", "length", "embed"))
 
@@ -113,6 +110,16 @@ class Transformer(nn.Module):
     logits = DenseGeneral(cfg, (cfg.num_labels,), ("embed", "labels"), use_bias=True,
                           name="classifier")(pooled)
     return logits.astype(jnp.float32)
+
+
+def embed_tokens(module: nn.Module, cfg: TransformerConfig, tokens, positions):
+  """(the token embeddings of `tokens` plus the position encoding of `positions`, in the compute
+  dtype; the table "token_embedding", a param of `module`, which a tied output head reuses): the
+  front end decoders and encoders share."""
+  embedding = module.param("token_embedding", logical_init(cfg, ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
+  x = embedding_rows(embedding, tokens).astype(cfg.compute_dtype)
+  return x + position_encoding(module, cfg, positions), embedding
 
 
 def position_encoding(module: nn.Module, cfg: TransformerConfig, positions):
