@@ -32,7 +32,7 @@ from llmjax.data import load_tokenizer
 from llmjax.data.batches import corpus_fingerprint
 from llmjax.data.tokenizers import SPEC_FILE
 from llmjax.data.prefetch import Prefetcher
-from llmjax.data.shards import check_token_ids
+from llmjax.data.shards import check_max_token_id
 from llmjax.model import num_params
 from llmjax.runs import CONFIG_FILE
 
@@ -95,7 +95,7 @@ class Run:
       self.dataset.save(self.workdir)  # e.g. the label mapping of a classification run
 
     self.model_config = cfglib.model_config(config, self.tokenizer.vocab_size)
-    check_token_ids(self.dataset, self.model_config.vocab_size)  # prepared corpora know their max id
+    check_max_token_id(self.dataset, self.model_config.vocab_size)  # prepared corpora know their max id
     # Compiles the step once to refuse (or, with grad_accum_steps=auto, fit) a step that cannot
     # fit the device, before anything is allocated; jit reuses that executable for step one.
     batch_keys = self.dataset.batch("train", 0, config.data.batch_size).keys()

@@ -262,9 +262,9 @@ def test_start_checks_tokenizer_and_vocabulary(tmp_path):
   with pytest.raises(DataError, match=r"tokenizer mismatch: the run's tokenizer \(char, 2 ids"):
     load_dataset(data_config(path=str(out), tokenizer="byte"), 0, CharTokenizer.from_text("ab"))
   ds = load_dataset(data_config(path=str(out), tokenizer="byte"), seed=0)
-  shardlib.check_token_ids(ds, 256)
+  shardlib.check_max_token_id(ds, 256)
   with pytest.raises(DataError, match=rf"token id {ds.max_token_id} but model.vocab_size=100"):
-    shardlib.check_token_ids(ds, 100)
+    shardlib.check_max_token_id(ds, 100)
 
 
 def test_mixture_rows_are_deterministic_weighted_and_per_process(tmp_path):

@@ -193,7 +193,7 @@ def run_tokenizer(directory: str, manifest: dict, data_config, tokenizer=None):
   return load_tokenizer(directory)
 
 
-def check_token_ids(dataset, vocab_size: int) -> None:
+def check_max_token_id(dataset, vocab_size: int) -> None:
   """A prepared corpus records its largest token id: one that the model cannot embed is an error at
   start, not NaN losses later."""
   max_id = getattr(dataset, "max_token_id", None)
