@@ -7,7 +7,9 @@ plus next-sentence prediction on [CLS] A [SEP] B [SEP] rows.
 
 Post-norm blocks, learned positions, token types and a pooler as BERT; a sentencepiece vocabulary
 trained on the corpus with BERT's special tokens appended. It logs the MLM loss/accuracy and the
-NSP accuracy on validation. Variants: ':tiny' is a 2-layer smoke test; ':no_nsp' drops NSP.
+NSP accuracy on validation. Variants: ':tiny' is a 2-layer smoke test; ':no_nsp' drops NSP
+(benchmarks/bert_topic.py pretrains ':no_nsp' at lr 2e-3 for 2000 steps, on the corpus minus its
+held-out text, and fine-tunes it on few topic labels: benchmarks/RESULTS.md, issue 11).
 """
 from llmjax.config import default_config
 
