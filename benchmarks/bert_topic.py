@@ -28,6 +28,9 @@ for that knowledge with few labels:
    checkpoint validation picked (`llmjax.eval.runner.evaluate_file(..., step="best")`). A seed
    fixes the data order, dropout and the new head's init (for scratch also the whole init).
 4. For scale, tf-idf + logistic regression (scikit-learn) on the same 64 labels and test set.
+
+At the defaults the pretrained arm wins on every seed; with a 600- or 1000-step base it does not
+(benchmarks/RESULTS.md, issue 11), so --pretrain_steps matters more than anything else here.
 """
 from __future__ import annotations
 
