@@ -77,6 +77,9 @@ def finetune_config(base: str, train: str, val: str, args, train_on: str = "comp
   sys.path.insert(0, str(ROOT / "experiments"))
   import finetune
   c = finetune.get_config(base)
+  if getattr(args, "scratch", False):  # same architecture, tokenizer and recipe; random weights (a diagnostic)
+    c.train.init_from = ""
+    c.data.tokenizer_path = str(Path(base) / "tokenizer.model")
   # one sum (15 tokens: "▁" + 3 digits, "+", 3 digits, "=", "▁" + 3-4 digits, EOS) per row of 16:
   # padding, no packing needed; longer rows pack several sums
   c.data.update(path=train, val_path=val, train_on=train_on, batch_size=args.batch_size,
@@ -110,6 +113,40 @@ def exact_match(workdir: str, test: str) -> float:
   return summary["exact_match"]
 
 
+def digit_accuracy(workdir: str, test: str, answer: str) -> dict:
+  """Teacher-forced accuracy and loss of each answer digit by its significance (units, tens, ...)
+  over the test sums, split by answer length: where an unlearned digit hides, independent of
+  greedy decoding (the completion is "▁", the digits, EOS; the loss weights mark it)."""
+  import collections
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from llmjax import runs
+  from llmjax.data.task_data import load_task_dataset
+  run = runs.load_run(workdir)
+  data = run.config.data.copy_and_resolve_references()
+  data.update(path=test, val_path=test, packing=False)
+  ds = load_task_dataset(data, 0, tokenizer=run.tokenizer)
+  b = ds.batch("val", 0, len(ds.examples["val"]))
+  logits = run.model.apply({"params": run.params}, jnp.asarray(b["inputs"]), deterministic=True,
+                           positions=jnp.asarray(b["positions"]),
+                           segment_ids=jnp.asarray(b["segment_ids"]))
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+  hits, nll = collections.defaultdict(list), collections.defaultdict(list)
+  names = ("units", "tens", "hundreds", "thousands")
+  for r in range(len(b["inputs"])):
+    where = np.nonzero(b["weights"][r])[0][1:-1]   # the digits: after "▁", before EOS
+    n = len(where)
+    for k, pos in enumerate(where):
+      significance = k if answer == "reversed" else n - 1 - k
+      key = f"{names[significance]}_of_{n}"
+      target = b["targets"][r, pos]
+      hits[key].append(float(logp[r, pos].argmax() == target))
+      nll[key].append(float(-logp[r, pos, target]))
+  return {k: {"n": len(hits[k]), "accuracy": round(float(np.mean(hits[k])), 4),
+              "nll": round(float(np.mean(nll[k])), 4)} for k in sorted(hits)}
+
+
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
   """The task and fine-tuning recipe (defaults: the recipe that meets the bar); shared with
   benchmarks/lora.py so both measure the same budget on the same examples."""
@@ -132,6 +169,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_recipe_args(p)
+  p.add_argument("--scratch", action="store_true",
+                 help="fine-tune from random weights instead of the base (same recipe)")
   p.add_argument("--skip_all_tokens", action="store_true", help="skip the all-token comparison")
   p.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
   p.add_argument("--out", default="")
@@ -168,7 +207,12 @@ def main() -> None:
     em = exact_match(work, paths["test"])
     result[f"{name}_loss"] = {"finetune_s": seconds, "exact_match": em,
                               "val_loss": final.get("loss"), "load_after": os.getloadavg(),
+                              "digits_teacher_forced": digit_accuracy(work, paths["test"],
+                                                                      args.answer),
                               **run_figures(work)}
+    print("  teacher-forced digit accuracy: " + ", ".join(
+        f"{k} {v['accuracy']:.3f}" for k, v in result[f"{name}_loss"]["digits_teacher_forced"].items()),
+        flush=True)
     print(f"fine-tuned, loss on {name} tokens: exact match {em:.3f} after "
           f"{args.finetune_steps} steps ({seconds:.0f} s, median "
           f"{result[f'{name}_loss'].get('ms_per_step_median', 0):.0f} ms/step, load "

@@ -163,6 +163,19 @@ def test_classification_split_never_trains_on_held_out_text(tmp_path):
   text = "\n".join(open(f).read() for f in glob.glob(corpus))
   assert not any(h in text for h in held)
   assert all(p["text"] in text for p in plain)
+  # the validation split (for choosing the recipe) is carved from the training side: its snippets
+  # are training snippets of the test split, and neither they nor the test snippets reach into
+  # its training windows
+  windows_v, val, plain_v, regions_v = fc.topic_sets(validation=True)
+  val_text = [r["text"] for r in val]
+  assert len(val) > 80 and not set(val_text) & set(held)
+  assert set(val_text) <= {p["text"] for p in plain} and len(plain_v) + len(val) == len(plain)
+  assert {r["label"] for r in val} == set(fc.TOPICS.values())
+  for region in (r for rs in regions_v.values() for r in rs):
+    assert not any(h in region for h in held + val_text)
+  for w in windows_v:
+    key = next(k for k, v in label_of.items() if v == w["label"])
+    assert any(w["text"] in region for region in regions_v[key])
 
 
 @pytest.mark.slow
