@@ -148,18 +148,19 @@ def base_config(steps: int, corpus: str, dropout: float, seed: int):
   return c
 
 
-def finetune_config(base: str, train: str, test: str, args, scratch: bool):
+def finetune_config(base: str, train: str, test: str, args, scratch: bool, eval_every: int = 0):
   sys.path.insert(0, str(ROOT / "experiments"))
   import finetune
   c = finetune.get_config(base)
   if scratch:  # same architecture, tokenizer and recipe; random weights
     c.train.init_from = ""
     c.data.tokenizer_path = str(Path(base) / "tokenizer.model")
-  # the test file is only scored at the end (eval_every=0, keep_best off): nothing is selected on it
+  # the test file is only scored at the end (eval_every=0, keep_best off): nothing is selected on
+  # it; a validation file (--validation) is also scored every `eval_every` steps (once per epoch)
   c.data.update(path=train, val_path=test, batch_size=args.batch_size, seq_len=64,
                 truncate="right")
   c.optim.update(lr=args.lr, warmup_steps=30)
-  c.train.update(objective="classification", epochs=args.epochs, eval_every=0,
+  c.train.update(objective="classification", epochs=args.epochs, eval_every=eval_every,
                  keep_best="", progress=False, tensorboard=False, log_every=50)
   return c
 
@@ -223,12 +224,20 @@ def main() -> None:
   for name in ("pretrained",) + (() if args.skip_scratch else ("scratch",)):
     work = str(tmp / f"ft_{name}_{split}_e{args.epochs}_lr{args.lr:g}")
     t0 = time.perf_counter()
-    loop.train(finetune_config(base, train_path, test_path, args, scratch=name == "scratch"), work)
+    per_epoch = -(-len(train) // args.batch_size) if args.validation else 0  # one example per row
+    loop.train(finetune_config(base, train_path, test_path, args, scratch=name == "scratch",
+                               eval_every=per_epoch), work)
     seconds = time.perf_counter() - t0
     summary, _ = evaluate_file(work, test_path, batch_size=32)
     result[name] = {"finetune_s": seconds, f"{split}_accuracy": summary["accuracy"],
                     f"{split}_macro_f1": summary["macro_f1"],
                     "confusion": summary.get("confusion_matrix"), "load": load()}
+    if per_epoch:  # validation accuracy after every epoch (for choosing --epochs)
+      rows = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines() if x]
+      result[name]["val_accuracy_by_step"] = {r["step"]: r["accuracy"] for r in rows
+                                              if r.get("split") == "val" and "accuracy" in r}
+      print(f"{name}: validation accuracy by step {result[name]['val_accuracy_by_step']}",
+            flush=True)
     print(f"{name}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f} on "
           f"{len(test)} {split} snippets ({seconds:.0f} s)", flush=True)
   # the bar's figures (tests/test_finetune.py::test_classification_bar reads these)

@@ -131,8 +131,8 @@ def test_finetune_experiment_keep_best_and_step_best_everywhere(tmp_path):
 @pytest.mark.slow
 def test_addition_bar(tmp_path):
   """Issue 9's bar: held-out exact match of three-digit addition from ~0 to >= 90% (the benchmark's
-  defaults: the issue's plain format "123+456=" -> "579", 3,000 steps with weight decay 0.1; see
-  benchmarks/RESULTS.md)."""
+  defaults: the issue's plain format "123+456=" -> "579", 4,000 steps with weight decay 0.1; the
+  units digit is learned in a transition whose step varies with the seed, see benchmarks/RESULTS.md)."""
   out = tmp_path / "add.json"
   proc = run_cli([str(ROOT / "benchmarks" / "finetune_addition.py"), f"--out={out}",
                   "--skip_all_tokens", f"--workdir={tmp_path / 'runs'}"], timeout=7200)
