@@ -209,8 +209,8 @@ def main() -> None:
 
   result["sklearn"] = {"train_windows": sklearn_baselines(train, test),
                        "train_snippets": sklearn_baselines(plain, test)}
-  for split, figures in result["sklearn"].items():
-    print("tf-idf + logistic regression (" + split + "): " + ", ".join(
+  for train_set, figures in result["sklearn"].items():
+    print("tf-idf + logistic regression (" + train_set + "): " + ", ".join(
         f"{k} accuracy {v['accuracy']:.3f}" for k, v in figures.items()), flush=True)
 
   base = args.base or str(tmp / "base")

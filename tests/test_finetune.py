@@ -182,8 +182,9 @@ def test_classification_split_never_trains_on_held_out_text(tmp_path):
 def test_classification_bar(tmp_path):
   """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy
   (benchmarks/finetune_classify.py's defaults: pretraining, fine-tuning and the from-scratch
-  comparison, whose figures are reported, not asserted). Narrow: the defaults (seed 0) gave 91 of
-  95 on the shared CPU, --seed=1 gave 86 (benchmarks/RESULTS.md, issue 9)."""
+  comparison, whose figures are reported, not asserted). Narrow, and one seed only: the defaults
+  (seed 0) gave 91 of 95 on the shared CPU, --seed=1 86 and --seed=2 89 (mean 0.933: the bar is not
+  met robustly; benchmarks/RESULTS.md, issue 9)."""
   out = tmp_path / "cls.json"
   proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
                   f"--workdir={tmp_path / 'runs'}"], timeout=7200)
