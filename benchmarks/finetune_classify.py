@@ -27,6 +27,9 @@ The bar (issue 9): accuracy >= 95%.
 
   PYTHONPATH=$PWD python benchmarks/finetune_classify.py --out=benchmarks/finetune_classify.json
   # reuse a pretrained base (it should not have read the held-out snippets): --base=RUN
+  # choose the recipe without the test set: a validation split carved from the training regions,
+  # scored after every epoch (the test snippets are not read)
+  PYTHONPATH=$PWD python benchmarks/finetune_classify.py --validation --base=RUN --epochs=6 --skip_scratch
 """
 from __future__ import annotations
 
