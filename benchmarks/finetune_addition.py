@@ -3,19 +3,25 @@
 1. Pretrain a base model (4 layers, 128 wide, sentencepiece with split digits) on the embedded
    corpus (Python's documentation prose, shipped with Python) for --pretrain_steps.
 2. Generate addition examples with a seed; train, val and test sets are disjoint (distinct
-   (a, b) pairs). --answer=plain is the issue's format {"prompt": "123+456=", "completion": "579"};
-   the default, --answer=reversed, writes the answer's digits least significant first
-   ("123+456=" -> "975"): the plain format's first answer digit needs the whole carry chain in one
-   step and was not learned to 90% on this budget (0.206 after 3,000 steps; benchmarks/RESULTS.md).
+   (a, b) pairs). The default, --answer=plain, is the issue's format
+   {"prompt": "123+456=", "completion": "579"}; --answer=reversed writes the answer's digits least
+   significant first ("123+456=" -> "975"), which small Transformers learn faster.
 3. Exact match of greedy completions on the test set (`llmjax.eval`, as `python -m llmjax.evaluate`
    computes it): the base model, then the model fine-tuned with experiments/finetune.py on this
-   recipe (lr 1e-3, 100 warmup steps, cosine to 1e-4, 1,500 steps of 64 sums, 100,000 training
-   sums; completion-only loss) and, on the same budget, with loss on every token.
+   recipe (lr 1e-3, 100 warmup steps, cosine to 1e-4, weight decay 0.1, 4,000 steps of 64 sums,
+   100,000 training sums; completion-only loss) and, on the same budget, with loss on every token;
+   with each, the teacher-forced accuracy of every answer digit by significance (units, tens, ...).
+
+Weight decay is what the plain format needs: without it (the earlier recipe) the units digit stays
+near chance for 3,000 steps (0.206 exact match) while every other digit is learned; with 0.1 it is
+learned in a sudden transition whose step varies with the data seed (seed 0 by step 2,500 of
+3,000, seed 1 only at ~3,000 of 3,000 but by 2,500 of 4,000; benchmarks/RESULTS.md, issue 9).
 
 Prints the figures and writes JSON (--out). The bar (issue 9): exact match from about 0 to >= 90%.
 
   PYTHONPATH=$PWD python benchmarks/finetune_addition.py --out=benchmarks/finetune_addition.json
-  PYTHONPATH=$PWD python benchmarks/finetune_addition.py --answer=plain --finetune_steps=3000
+  PYTHONPATH=$PWD python benchmarks/finetune_addition.py --answer=reversed --finetune_steps=1500 \
+      --weight_decay=0
 """
 from __future__ import annotations
 
@@ -77,6 +83,9 @@ def finetune_config(base: str, train: str, val: str, args, train_on: str = "comp
   sys.path.insert(0, str(ROOT / "experiments"))
   import finetune
   c = finetune.get_config(base)
+  if getattr(args, "scratch", False):  # same architecture, tokenizer and recipe; random weights (a diagnostic)
+    c.train.init_from = ""
+    c.data.tokenizer_path = str(Path(base) / "tokenizer.model")
   # one sum (15 tokens: "▁" + 3 digits, "+", 3 digits, "=", "▁" + 3-4 digits, EOS) per row of 16:
   # padding, no packing needed; longer rows pack several sums
   c.data.update(path=train, val_path=val, train_on=train_on, batch_size=args.batch_size,
@@ -84,7 +93,8 @@ def finetune_config(base: str, train: str, val: str, args, train_on: str = "comp
   c.optim.update(lr=lr or args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                  weight_decay=args.weight_decay)
   c.train.update(epochs=0, steps=args.finetune_steps, eval_every=args.eval_every, keep_best="",
-                 log_every=100, progress=False, tensorboard=False)
+                 log_every=100, progress=False, tensorboard=False,
+                 checkpoint_every=getattr(args, "checkpoint_every", 0), keep_checkpoints=0)
   return c
 
 
@@ -110,9 +120,44 @@ def exact_match(workdir: str, test: str) -> float:
   return summary["exact_match"]
 
 
+def digit_accuracy(workdir: str, test: str, answer: str) -> dict:
+  """Teacher-forced accuracy and loss of each answer digit by its significance (units, tens, ...)
+  over the test sums, split by answer length: where an unlearned digit hides, independent of
+  greedy decoding (the completion is "▁", the digits, EOS; the loss weights mark it)."""
+  import collections
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from llmjax import runs
+  from llmjax.data.task_data import load_task_dataset
+  run = runs.load_run(workdir)
+  data = run.config.data.copy_and_resolve_references()
+  data.update(path=test, val_path=test, packing=False)
+  ds = load_task_dataset(data, 0, tokenizer=run.tokenizer)
+  b = ds.batch("val", 0, len(ds.examples["val"]))
+  logits = run.model.apply({"params": run.params}, jnp.asarray(b["inputs"]), deterministic=True,
+                           positions=jnp.asarray(b["positions"]),
+                           segment_ids=jnp.asarray(b["segment_ids"]))
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+  hits, nll = collections.defaultdict(list), collections.defaultdict(list)
+  names = ("units", "tens", "hundreds", "thousands")
+  for r in range(len(b["inputs"])):
+    where = np.nonzero(b["weights"][r])[0][1:-1]   # the digits: after "▁", before EOS
+    n = len(where)
+    for k, pos in enumerate(where):
+      significance = k if answer == "reversed" else n - 1 - k
+      key = f"{names[significance]}_of_{n}"
+      target = b["targets"][r, pos]
+      hits[key].append(float(logp[r, pos].argmax() == target))
+      nll[key].append(float(-logp[r, pos, target]))
+  return {k: {"n": len(hits[k]), "accuracy": round(float(np.mean(hits[k])), 4),
+              "nll": round(float(np.mean(nll[k])), 4)} for k in sorted(hits)}
+
+
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-  """The task and fine-tuning recipe (defaults: the recipe that meets the bar); shared with
-  benchmarks/lora.py so both measure the same budget on the same examples."""
+  """The task and fine-tuning recipe, shared with benchmarks/lora.py so both measure the same
+  budget on the same examples. These defaults (reversed answers, 1,500 steps, no weight decay) are
+  the ones lora.py's recorded figures used; this script's main() sets the plain format's recipe."""
   p.add_argument("--pretrain_steps", type=int, default=300)
   p.add_argument("--finetune_steps", type=int, default=1500)
   p.add_argument("--lr", type=float, default=1e-3)
@@ -132,6 +177,13 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_recipe_args(p)
+  # this benchmark's recipe for the issue's plain format (add_recipe_args keeps the defaults that
+  # benchmarks/lora.py's documented figures were measured with: reversed, 1,500 steps, no decay)
+  p.set_defaults(answer="plain", finetune_steps=4000, weight_decay=0.1)
+  p.add_argument("--scratch", action="store_true",
+                 help="fine-tune from random weights instead of the base (same recipe)")
+  p.add_argument("--checkpoint_every", type=int, default=0,
+                 help="also keep checkpoints every N steps (for per-digit curves; 0: the last only)")
   p.add_argument("--skip_all_tokens", action="store_true", help="skip the all-token comparison")
   p.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
   p.add_argument("--out", default="")
@@ -168,7 +220,12 @@ def main() -> None:
     em = exact_match(work, paths["test"])
     result[f"{name}_loss"] = {"finetune_s": seconds, "exact_match": em,
                               "val_loss": final.get("loss"), "load_after": os.getloadavg(),
+                              "digits_teacher_forced": digit_accuracy(work, paths["test"],
+                                                                      args.answer),
                               **run_figures(work)}
+    print("  teacher-forced digit accuracy: " + ", ".join(
+        f"{k} {v['accuracy']:.3f}" for k, v in result[f"{name}_loss"]["digits_teacher_forced"].items()),
+        flush=True)
     print(f"fine-tuned, loss on {name} tokens: exact match {em:.3f} after "
           f"{args.finetune_steps} steps ({seconds:.0f} s, median "
           f"{result[f'{name}_loss'].get('ms_per_step_median', 0):.0f} ms/step, load "

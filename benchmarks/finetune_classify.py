@@ -27,6 +27,9 @@ The bar (issue 9): accuracy >= 95%.
 
   PYTHONPATH=$PWD python benchmarks/finetune_classify.py --out=benchmarks/finetune_classify.json
   # reuse a pretrained base (it should not have read the held-out snippets): --base=RUN
+  # choose the recipe without the test set: a validation split carved from the training regions,
+  # scored after every epoch (the test snippets are not read)
+  PYTHONPATH=$PWD python benchmarks/finetune_classify.py --validation --base=RUN --epochs=6 --skip_scratch
 """
 from __future__ import annotations
 
@@ -61,25 +64,32 @@ def cut(words: list[str], size: int) -> list[list[str]]:
   return out
 
 
-def topic_sets(size: int = 120, every: int = 5, stride: int = 3):
+def topic_sets(size: int = 120, every: int = 5, stride: int = 3, validation: bool = False):
   """-> (train windows, held-out snippets, training snippets, training regions by topic).
 
-  Snippet i of a topic is held out when i % every == every - 1. A training region is a maximal
-  run of consecutive training snippets; windows start every `stride` words inside a region and
-  end inside it, so none reaches into a held-out snippet."""
+  Snippet i of a topic is held out for test when i % every == every - 1. A training region is a
+  maximal run of consecutive training snippets; windows start every `stride` words inside a region
+  and end inside it, so none reaches into a held-out snippet.
+
+  validation=True carves a validation split out of the training side, for choosing the recipe
+  without looking at the test set: snippet i with i % every == 0 (next to a test snippet, so the
+  regions between held-out snippets stay as long as they can) is held out too, and the returned
+  "held-out snippets" are these validation snippets (the test snippets are left out entirely);
+  training windows then come from the smaller regions between held-out snippets of either kind."""
   from pydoc_data.topics import topics
-  windows, test, plain, regions = [], [], [], {}
+  windows, held, plain, regions = [], [], [], {}
   for key, label in TOPICS.items():
     regions[key], run = [], []
     pieces = cut(topics[key].split(), size)
     for i, piece in enumerate(pieces + [None]):
-      held_out = piece is None or i % every == every - 1
-      if not held_out:
+      is_test = i % every == every - 1
+      is_val = validation and i % every == 0  # next to a test snippet: regions stay long
+      if piece is not None and not (is_test or is_val):
         plain.append({"text": " ".join(piece), "label": label})
         run += piece
         continue
-      if piece is not None:
-        test.append({"text": " ".join(piece), "label": label})
+      if piece is not None and (is_val if validation else is_test):
+        held.append({"text": " ".join(piece), "label": label})
       if run:
         regions[key].append(" ".join(run))
         for start in range(0, len(run), stride):
@@ -87,7 +97,7 @@ def topic_sets(size: int = 120, every: int = 5, stride: int = 3):
           if first:
             windows.append({"text": " ".join(first[0]), "label": label})
       run = []
-  return windows, test, plain, regions
+  return windows, held, plain, regions
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -141,18 +151,19 @@ def base_config(steps: int, corpus: str, dropout: float, seed: int):
   return c
 
 
-def finetune_config(base: str, train: str, test: str, args, scratch: bool):
+def finetune_config(base: str, train: str, test: str, args, scratch: bool, eval_every: int = 0):
   sys.path.insert(0, str(ROOT / "experiments"))
   import finetune
   c = finetune.get_config(base)
   if scratch:  # same architecture, tokenizer and recipe; random weights
     c.train.init_from = ""
     c.data.tokenizer_path = str(Path(base) / "tokenizer.model")
-  # the test file is only scored at the end (eval_every=0, keep_best off): nothing is selected on it
+  # the test file is only scored at the end (eval_every=0, keep_best off): nothing is selected on
+  # it; a validation file (--validation) is also scored every `eval_every` steps (once per epoch)
   c.data.update(path=train, val_path=test, batch_size=args.batch_size, seq_len=64,
                 truncate="right")
   c.optim.update(lr=args.lr, warmup_steps=30)
-  c.train.update(objective="classification", epochs=args.epochs, eval_every=0,
+  c.train.update(objective="classification", epochs=args.epochs, eval_every=eval_every,
                  keep_best="", progress=False, tensorboard=False, log_every=50)
   return c
 
@@ -172,6 +183,9 @@ def main() -> None:
   p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--validation", action="store_true",
+                 help="score a validation split carved from the training regions instead of the "
+                      "test set (for choosing --epochs/--lr); the base is the same either way")
   p.add_argument("--skip_scratch", action="store_true", help="skip the from-scratch comparison")
   p.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
   p.add_argument("--out", default="")
@@ -183,19 +197,23 @@ def main() -> None:
   tmp = Path(args.workdir or tempfile.mkdtemp(prefix="llmjax_classify_"))
   tmp.mkdir(parents=True, exist_ok=True)
   train, test, plain, regions = topic_sets(args.size, stride=args.stride)
+  split = "val" if args.validation else "test"
+  if args.validation:  # the base still reads only the test split's training regions
+    train, test, plain, _ = topic_sets(args.size, stride=args.stride, validation=True)
   held = {r["text"] for r in test}
   assert not any(t in w["text"] or w["text"] in t for w in train for t in held), "overlap"
-  train_path, test_path = write_jsonl(tmp / "train.jsonl", train), write_jsonl(tmp / "test.jsonl", test)
+  train_path = write_jsonl(tmp / f"train_{split}.jsonl", train)
+  test_path = write_jsonl(tmp / f"{split}.jsonl", test)
   result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus", "load_start": load(),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "args": vars(args),
-            "train_examples": len(train), "train_snippets": len(plain),
-            "test_examples": len(test), "labels": list(TOPICS.values())}
+            "scored_on": split, "train_examples": len(train), "train_snippets": len(plain),
+            f"{split}_examples": len(test), "labels": list(TOPICS.values())}
 
   result["sklearn"] = {"train_windows": sklearn_baselines(train, test),
                        "train_snippets": sklearn_baselines(plain, test)}
-  for split, figures in result["sklearn"].items():
-    print("tf-idf + logistic regression (" + split + "): " + ", ".join(
+  for train_set, figures in result["sklearn"].items():
+    print("tf-idf + logistic regression (" + train_set + "): " + ", ".join(
         f"{k} accuracy {v['accuracy']:.3f}" for k, v in figures.items()), flush=True)
 
   base = args.base or str(tmp / "base")
@@ -207,18 +225,27 @@ def main() -> None:
   result["pretrain_s"] = time.perf_counter() - t0
 
   for name in ("pretrained",) + (() if args.skip_scratch else ("scratch",)):
-    work = str(tmp / f"ft_{name}")
+    work = str(tmp / f"ft_{name}_{split}_e{args.epochs}_lr{args.lr:g}")
     t0 = time.perf_counter()
-    loop.train(finetune_config(base, train_path, test_path, args, scratch=name == "scratch"), work)
+    per_epoch = -(-len(train) // args.batch_size) if args.validation else 0  # one example per row
+    loop.train(finetune_config(base, train_path, test_path, args, scratch=name == "scratch",
+                               eval_every=per_epoch), work)
     seconds = time.perf_counter() - t0
     summary, _ = evaluate_file(work, test_path, batch_size=32)
-    result[name] = {"finetune_s": seconds, "test_accuracy": summary["accuracy"],
-                    "test_macro_f1": summary["macro_f1"], "load": load()}
+    result[name] = {"finetune_s": seconds, f"{split}_accuracy": summary["accuracy"],
+                    f"{split}_macro_f1": summary["macro_f1"],
+                    "confusion": summary.get("confusion_matrix"), "load": load()}
+    if per_epoch:  # validation accuracy after every epoch (for choosing --epochs)
+      rows = [json.loads(x) for x in (Path(work) / "metrics.jsonl").read_text().splitlines() if x]
+      result[name]["val_accuracy_by_step"] = {r["step"]: r["accuracy"] for r in rows
+                                              if r.get("split") == "val" and "accuracy" in r}
+      print(f"{name}: validation accuracy by step {result[name]['val_accuracy_by_step']}",
+            flush=True)
     print(f"{name}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f} on "
-          f"{len(test)} held-out snippets ({seconds:.0f} s)", flush=True)
+          f"{len(test)} {split} snippets ({seconds:.0f} s)", flush=True)
   # the bar's figures (tests/test_finetune.py::test_classification_bar reads these)
-  result["test_accuracy"] = result["pretrained"]["test_accuracy"]
-  result["test_macro_f1"] = result["pretrained"]["test_macro_f1"]
+  result[f"{split}_accuracy"] = result["pretrained"][f"{split}_accuracy"]
+  result[f"{split}_macro_f1"] = result["pretrained"][f"{split}_macro_f1"]
   result["load_end"] = load()
   print(json.dumps(result, indent=2))
   if args.out:

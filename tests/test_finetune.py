@@ -131,8 +131,8 @@ def test_finetune_experiment_keep_best_and_step_best_everywhere(tmp_path):
 @pytest.mark.slow
 def test_addition_bar(tmp_path):
   """Issue 9's bar: held-out exact match of three-digit addition from ~0 to >= 90% (the benchmark's
-  defaults: answers written least significant digit first; the plain format is not learned to 90%
-  on this budget, see benchmarks/RESULTS.md)."""
+  defaults: the issue's plain format "123+456=" -> "579", 4,000 steps with weight decay 0.1; the
+  units digit is learned in a transition whose step varies with the seed, see benchmarks/RESULTS.md)."""
   out = tmp_path / "add.json"
   proc = run_cli([str(ROOT / "benchmarks" / "finetune_addition.py"), f"--out={out}",
                   "--skip_all_tokens", f"--workdir={tmp_path / 'runs'}"], timeout=7200)
@@ -163,14 +163,28 @@ def test_classification_split_never_trains_on_held_out_text(tmp_path):
   text = "\n".join(open(f).read() for f in glob.glob(corpus))
   assert not any(h in text for h in held)
   assert all(p["text"] in text for p in plain)
+  # the validation split (for choosing the recipe) is carved from the training side: its snippets
+  # are training snippets of the test split, and neither they nor the test snippets reach into
+  # its training windows
+  windows_v, val, plain_v, regions_v = fc.topic_sets(validation=True)
+  val_text = [r["text"] for r in val]
+  assert len(val) > 80 and not set(val_text) & set(held)
+  assert set(val_text) <= {p["text"] for p in plain} and len(plain_v) + len(val) == len(plain)
+  assert {r["label"] for r in val} == set(fc.TOPICS.values())
+  for region in (r for rs in regions_v.values() for r in rs):
+    assert not any(h in region for h in held + val_text)
+  for w in windows_v:
+    key = next(k for k, v in label_of.items() if v == w["label"])
+    assert any(w["text"] in region for region in regions_v[key])
 
 
 @pytest.mark.slow
 def test_classification_bar(tmp_path):
   """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy
   (benchmarks/finetune_classify.py's defaults: pretraining, fine-tuning and the from-scratch
-  comparison, whose figures are reported, not asserted). Narrow: the defaults (seed 0) gave 91 of
-  95 on the shared CPU, --seed=1 gave 86 (benchmarks/RESULTS.md, issue 9)."""
+  comparison, whose figures are reported, not asserted). Narrow, and one seed only: the defaults
+  (seed 0) gave 91 of 95 on the shared CPU, --seed=1 86 and --seed=2 89 (mean 0.933: the bar is not
+  met robustly; benchmarks/RESULTS.md, issue 9)."""
   out = tmp_path / "cls.json"
   proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
                   f"--workdir={tmp_path / 'runs'}"], timeout=7200)
