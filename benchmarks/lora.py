@@ -8,8 +8,9 @@ Quality (--quality): issue 9's addition task (three-digit sums, held-out exact m
 completions, as `python -m llmjax.evaluate` computes it) with issue 9's base and recipe
 (benchmarks/finetune_addition.py's arguments and defaults): fine-tune the base with the same
 budget fully, with LoRA (--lora_rank on --lora_targets, at --lora_lr), with QLoRA (the same on
-an int8 base) and with LoRA on query/value only. With the --workdir of a finetune_addition.py run
-its base and its completion-loss run (= full fine-tuning) are reused.
+an int8 base), with LoRA on query/value only, and on query/value plus the token table (`_qve`,
+also as QLoRA). With the --workdir of a finetune_addition.py run its base and its completion-loss
+run (= full fine-tuning) are reused.
 
   PYTHONPATH=$PWD python benchmarks/lora.py --out=benchmarks/lora.json [--quality]
 """
@@ -39,13 +40,20 @@ from finetune_addition import (add_recipe_args, addition_sets, base_config,  # n
 
 def variants(args) -> dict:
   """name -> LoRA settings (None: full fine-tuning) and the learning rate it trains with."""
-  lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
+  lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+              lr_ratio=args.lora_lr_ratio)
+  r = args.lora_rank
+  qve = {**lora, "targets": "query,value,embedding"}
   return {
       "full": (None, args.lr),
-      f"lora_r{args.lora_rank}": (lora, args.lora_lr),
-      f"qlora_r{args.lora_rank}": ({**lora, "base_dtype": "int8"}, args.lora_lr),
+      f"lora_r{r}": (lora, args.lora_lr),
+      f"qlora_r{r}": ({**lora, "base_dtype": "int8"}, args.lora_lr),
       # PEFT's default targets (query, value): the fewest trainable parameters
-      f"lora_r{args.lora_rank}_qv": ({**lora, "targets": "query,value"}, args.lora_lr),
+      f"lora_r{r}_qv": ({**lora, "targets": "query,value"}, args.lora_lr),
+      # query, value and the (tied) token table: under 2% of this model's parameters, and the
+      # table is what frozen-embedding LoRA could not learn the task without (RESULTS.md)
+      f"lora_r{r}_qve": (qve, args.lora_lr),
+      f"qlora_r{r}_qve": ({**qve, "base_dtype": "int8"}, args.lora_lr),
   }
 
 
@@ -133,11 +141,13 @@ def main() -> None:
   p.add_argument("--lora_rank", type=int, default=8)
   p.add_argument("--lora_alpha", type=float, default=16.0)
   p.add_argument("--lora_targets", default="all", help="lora.targets of the lora/qlora variants")
-  p.add_argument("--lora_lr", type=float, default=5e-3, help="adapters' learning rate")
+  p.add_argument("--lora_lr", type=float, default=2e-3, help="adapters' learning rate")
+  p.add_argument("--lora_lr_ratio", type=float, default=1.0,
+                 help="lora.lr_ratio: B's learning rate over A's (LoRA+; 1 = plain LoRA)")
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
   p.add_argument("--quality", action="store_true", help="also fine-tune and measure exact match")
-  p.add_argument("--variants", default="", help="comma-separated; default: all four")
+  p.add_argument("--variants", default="", help="comma-separated; default: all of them")
   p.add_argument("--workdir", default="")
   p.add_argument("--out", default="")
   args = p.parse_args()
