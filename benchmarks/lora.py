@@ -59,6 +59,8 @@ def variants(args) -> dict:
 
 def lora_config(base: str, paths: dict, args, lora: dict | None, lr: float):
   c = finetune_config(base, paths["train"], paths["val"], args, "completion", lr)
+  if args.train_seed is not None:  # another adapter init, dropout stream and data order
+    c.train.seed = args.train_seed
   if lora:
     c.lora.update(**lora)
   return c
@@ -144,6 +146,8 @@ def main() -> None:
   p.add_argument("--lora_lr", type=float, default=2e-3, help="adapters' learning rate")
   p.add_argument("--lora_lr_ratio", type=float, default=1.0,
                  help="lora.lr_ratio: B's learning rate over A's (LoRA+; 1 = plain LoRA)")
+  p.add_argument("--train_seed", type=int, default=None,
+                 help="train.seed of the fine-tuning runs (default: the base run's)")
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
   p.add_argument("--quality", action="store_true", help="also fine-tune and measure exact match")
@@ -177,7 +181,7 @@ def main() -> None:
     result["pretrain_s"] = time.perf_counter() - t0
   loaded = runs.load_run(base)
   programs = {}
-  for name in names:
+  for name in (names if "full" in names else ["full", *names]):  # memory is relative to full
     c = lora_config(base, paths, args, *table[name])
     c.data.packing = False  # fixed rows for timing
     programs[name] = program.build(c, shd.make_mesh(c), cfglib.model_config(
@@ -188,7 +192,8 @@ def main() -> None:
           f"{m['optimizer_bytes'] / 1024:,.1f} KiB ({m['optimizer_vs_full']:.2%} of full); base "
           f"{m['base_bytes'] / 1024:,.1f} KiB ({m['base_vs_fp32']:.1%} of fp32; matrices "
           f"{m['matrix_bytes_per_param']:.2f} B/param, {m['matrices_vs_fp32']:.1%})", flush=True)
-  result["step_time"] = (step_times(programs, loaded.params, args.steps, args.repeats)
+  result["step_time"] = (step_times({n: programs[n] for n in names}, loaded.params, args.steps,
+                                    args.repeats)
                          if args.repeats > 0 else {})
   for name, t in result["step_time"].items():
     print(f"{name:9s} step {t['min_ms']:.1f} / {t['median_ms']:.1f} / {t['max_ms']:.1f} ms "
