@@ -167,7 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
       alpha=16.0,             # adapter scale = alpha / rank
       dropout=0.0,            # dropout on the adapter's input (training only)
       targets="query,value",  # comma-separated: query, key, value, out, gate, up, down, lm_head,
-                              # or the groups attn, mlp, all
+                              # embedding (the token table), or the groups attn, mlp, all
       base_dtype="float32",   # the frozen base: 'float32' (as loaded) or 'int8' (QLoRA)
       lr_ratio=1.0,           # LoRA+: B's learning rate = optim.lr * this (A keeps optim.lr);
                               # the LoRA+ paper suggests ~16 (1.0: plain LoRA)
