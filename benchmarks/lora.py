@@ -8,8 +8,9 @@ Quality (--quality): issue 9's addition task (three-digit sums, held-out exact m
 completions, as `python -m llmjax.evaluate` computes it) with issue 9's base and recipe
 (benchmarks/finetune_addition.py's arguments and defaults): fine-tune the base with the same
 budget fully, with LoRA (--lora_rank on --lora_targets, at --lora_lr), with QLoRA (the same on
-an int8 base) and with LoRA on query/value only. With the --workdir of a finetune_addition.py run
-its base and its completion-loss run (= full fine-tuning) are reused.
+an int8 base), with LoRA on query/value only, and on query/value plus the token table (`_qve`,
+also as QLoRA). With the --workdir of a finetune_addition.py run its base and its completion-loss
+run (= full fine-tuning) are reused.
 
   PYTHONPATH=$PWD python benchmarks/lora.py --out=benchmarks/lora.json [--quality]
 """
@@ -39,18 +40,27 @@ from finetune_addition import (add_recipe_args, addition_sets, base_config,  # n
 
 def variants(args) -> dict:
   """name -> LoRA settings (None: full fine-tuning) and the learning rate it trains with."""
-  lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
+  lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+              lr_ratio=args.lora_lr_ratio)
+  r = args.lora_rank
+  qve = {**lora, "targets": "query,value,embedding"}
   return {
       "full": (None, args.lr),
-      f"lora_r{args.lora_rank}": (lora, args.lora_lr),
-      f"qlora_r{args.lora_rank}": ({**lora, "base_dtype": "int8"}, args.lora_lr),
+      f"lora_r{r}": (lora, args.lora_lr),
+      f"qlora_r{r}": ({**lora, "base_dtype": "int8"}, args.lora_lr),
       # PEFT's default targets (query, value): the fewest trainable parameters
-      f"lora_r{args.lora_rank}_qv": ({**lora, "targets": "query,value"}, args.lora_lr),
+      f"lora_r{r}_qv": ({**lora, "targets": "query,value"}, args.lora_lr),
+      # query, value and the (tied) token table: under 2% of this model's parameters, and the
+      # table is what frozen-embedding LoRA could not learn the task without (RESULTS.md)
+      f"lora_r{r}_qve": (qve, args.lora_lr),
+      f"qlora_r{r}_qve": ({**qve, "base_dtype": "int8"}, args.lora_lr),
   }
 
 
 def lora_config(base: str, paths: dict, args, lora: dict | None, lr: float):
   c = finetune_config(base, paths["train"], paths["val"], args, "completion", lr)
+  if args.train_seed is not None:  # another adapter init, dropout stream and data order
+    c.train.seed = args.train_seed
   if lora:
     c.lora.update(**lora)
   return c
@@ -133,11 +143,15 @@ def main() -> None:
   p.add_argument("--lora_rank", type=int, default=8)
   p.add_argument("--lora_alpha", type=float, default=16.0)
   p.add_argument("--lora_targets", default="all", help="lora.targets of the lora/qlora variants")
-  p.add_argument("--lora_lr", type=float, default=5e-3, help="adapters' learning rate")
+  p.add_argument("--lora_lr", type=float, default=2e-3, help="adapters' learning rate")
+  p.add_argument("--lora_lr_ratio", type=float, default=1.0,
+                 help="lora.lr_ratio: B's learning rate over A's (LoRA+; 1 = plain LoRA)")
+  p.add_argument("--train_seed", type=int, default=None,
+                 help="train.seed of the fine-tuning runs (default: the base run's)")
   p.add_argument("--steps", type=int, default=10, help="timed steps per round")
   p.add_argument("--repeats", type=int, default=5, help="timing rounds (0: no timing)")
   p.add_argument("--quality", action="store_true", help="also fine-tune and measure exact match")
-  p.add_argument("--variants", default="", help="comma-separated; default: all four")
+  p.add_argument("--variants", default="", help="comma-separated; default: all of them")
   p.add_argument("--workdir", default="")
   p.add_argument("--out", default="")
   args = p.parse_args()
@@ -167,7 +181,7 @@ def main() -> None:
     result["pretrain_s"] = time.perf_counter() - t0
   loaded = runs.load_run(base)
   programs = {}
-  for name in names:
+  for name in (names if "full" in names else ["full", *names]):  # memory is relative to full
     c = lora_config(base, paths, args, *table[name])
     c.data.packing = False  # fixed rows for timing
     programs[name] = program.build(c, shd.make_mesh(c), cfglib.model_config(
@@ -178,7 +192,8 @@ def main() -> None:
           f"{m['optimizer_bytes'] / 1024:,.1f} KiB ({m['optimizer_vs_full']:.2%} of full); base "
           f"{m['base_bytes'] / 1024:,.1f} KiB ({m['base_vs_fp32']:.1%} of fp32; matrices "
           f"{m['matrix_bytes_per_param']:.2f} B/param, {m['matrices_vs_fp32']:.1%})", flush=True)
-  result["step_time"] = (step_times(programs, loaded.params, args.steps, args.repeats)
+  result["step_time"] = (step_times({n: programs[n] for n in names}, loaded.params, args.steps,
+                                    args.repeats)
                          if args.repeats > 0 else {})
   for name, t in result["step_time"].items():
     print(f"{name:9s} step {t['min_ms']:.1f} / {t['median_ms']:.1f} / {t['max_ms']:.1f} ms "

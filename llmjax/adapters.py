@@ -51,6 +51,21 @@ def trainable_mask(params, extra=("classifier",)):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
+def lora_plus(optimizer, lr_ratio: float):
+  """LoRA+ (Hayou et al. 2024): B's updates scaled by `lr_ratio`, i.e. B trains at lr_ratio times
+  the learning rate of A (the update of Adam is linear in the learning rate, weight decay
+  included). Stateless, so the optimizer state is unchanged; `optimizer` itself when the ratio is
+  1. Leaves are found by name on the plain or boxed (nn.Partitioned) params."""
+  if lr_ratio == 1.0:
+    return optimizer
+  import optax
+
+  def is_b(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) == "lora_b" for k in path), params)
+  return optax.chain(optimizer, optax.masked(optax.scale(lr_ratio), is_b))
+
+
 def describe(program, state) -> str:
   """One log line: what trains and what the frozen base costs."""
   spec = program.lora

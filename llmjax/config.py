@@ -167,8 +167,10 @@ def default_config() -> ml_collections.ConfigDict:
       alpha=16.0,             # adapter scale = alpha / rank
       dropout=0.0,            # dropout on the adapter's input (training only)
       targets="query,value",  # comma-separated: query, key, value, out, gate, up, down, lm_head,
-                              # or the groups attn, mlp, all
+                              # embedding (the token table), or the groups attn, mlp, all
       base_dtype="float32",   # the frozen base: 'float32' (as loaded) or 'int8' (QLoRA)
+      lr_ratio=1.0,           # LoRA+: B's learning rate = optim.lr * this (A keeps optim.lr);
+                              # the LoRA+ paper suggests ~16 (1.0: plain LoRA)
   ))
   c.mesh.rules.lora_rank = ""  # the adapters' rank axis: replicated
   c.train.dpo_beta = 0.1       # DPO: strength of the pull towards the reference policy
@@ -366,6 +368,8 @@ def _validate_lora(config) -> None:
         "--config.lora.rank=8 (for example)")
   _need(lo.alpha > 0, f"lora.alpha={lo.alpha} must be positive (the adapter scale is alpha/rank)")
   _need(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout} must be in [0, 1)")
+  _need(lo.lr_ratio > 0, f"lora.lr_ratio={lo.lr_ratio} must be positive (B's learning rate is "
+        "optim.lr times it; 1.0 = plain LoRA, ~16 = LoRA+)")
   _need(config.train.dpo_beta > 0, f"train.dpo_beta={config.train.dpo_beta} must be positive")
   _need(config.train.dpo_rpo_alpha >= 0,
         f"train.dpo_rpo_alpha={config.train.dpo_rpo_alpha} must be >= 0 (0: plain DPO)")

@@ -100,6 +100,8 @@ def build(config, mesh, model_config: TransformerConfig) -> Program:
   micro_batch = config.data.batch_size // t.grad_accum_steps
   init_inputs = objective.init_inputs((micro_batch, config.data.seq_len))
   optimizer, schedule = make_optimizer(config.optim, t.steps)
+  if spec is not None:  # LoRA+: B at lora.lr_ratio times the learning rate
+    optimizer = adapters.lora_plus(optimizer, config.lora.lr_ratio)
   trainable = _trainable_mask(model, objective, init_inputs, spec)
   if trainable is not None:
     # frozen leaves: no gradient and no optimizer state (see train.partition)

@@ -162,6 +162,7 @@ def test_adapter_dropout_only_in_training():
     (TransformerConfig(), 4, "qurey", "names 'qurey'"),
     (TransformerConfig(), 0, "query", "lora.rank=0 must be positive"),
     (TransformerConfig(embed_dim=32, num_heads=4), 33, "query", "larger than the query layer"),
+    (TransformerConfig(family="encoder_decoder"), 4, "embedding", "keeps its own token tables"),
 ])
 def test_bad_lora_settings_name_the_fix(cfg, rank, targets, message):
   with pytest.raises(loralib.LoraError, match=message):
@@ -175,6 +176,74 @@ def test_bad_lora_config_is_one_line_exit_2(tmp_path):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "lora.targets names 'gate'" in lines[0], proc.stderr
+
+
+def test_adapter_gradients_follow_the_merged_weight():
+  """The adapters' gradients are the chain rule through W' = W + s A B: dL/dB = s A^T dL/dW' and
+  dL/dA = s dL/dW' B^T for every targeted kernel (stacked layers included), and for the token
+  table dL/dA = s dL/dE' B^T (E' the adapted table, which a tied head reads too)."""
+  cfg = TransformerConfig(**{**LLAMA.to_dict(), "tie_embeddings": True})
+  spec = loralib.make_spec(cfg, 4, 8.0, "all,embedding")
+  model, params = _init(cfg, spec)
+  params = _perturbed(params)
+  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, cfg.vocab_size)
+
+  def loss(logits):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
+                                         tokens[:, 1:, None], -1))
+  g_lora = jax.grad(lambda p: loss(model.apply({"params": p}, tokens)))(params)
+  merged = loralib.merge(params, spec)
+  g_plain = jax.grad(lambda p: loss(Transformer(cfg).apply({"params": p}, tokens)))(merged)
+  checked = 0
+  for key, a in _by_name(params, "lora_a").items():
+    where = key.rsplit("/", 2)[0]
+    b = _by_name(params, "lora_b")[key.replace("lora_a", "lora_b")]
+    ga = _by_name(g_lora, "lora_a")[key]
+    gb = _by_name(g_lora, "lora_b")[key.replace("lora_a", "lora_b")]
+    if where == loralib.EMBEDDING_ADAPTER:
+      gw, lead = g_plain["token_embedding"], ()
+    else:
+      gw = _by_name(g_plain, "kernel")[key.replace("lora_a", "kernel")]
+      lead = a.shape[:1]  # this config stacks layers: every adapter has the 'layers' axis
+    a2, b2 = a.reshape(*lead, -1, 4), b.reshape(*lead, 4, -1)
+    gw2 = gw.reshape(*lead, a2.shape[-2], b2.shape[-1])
+    np.testing.assert_allclose(gb.reshape(b2.shape), spec.scale * jnp.einsum("...ir,...io->...ro", a2, gw2),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ga.reshape(a2.shape), spec.scale * jnp.einsum("...io,...ro->...ir", gw2, b2),
+                               rtol=1e-4, atol=1e-6)
+    checked += 1
+  assert checked == 8  # query, key, value, out, gate, up, down and the token table
+
+
+def test_token_embedding_adapter_feeds_input_and_tied_head():
+  """lora.targets 'embedding': the token table becomes E + scale A B (A [vocab, r] at zero, B
+  random, as PEFT initializes embedding adapters); with tied embeddings the output head reads
+  the same adapted table, and merging folds the adapter into the one table."""
+  cfg = TransformerConfig(**{**LLAMA.to_dict(), "tie_embeddings": True})
+  spec = loralib.make_spec(cfg, 4, 8.0, "query,value,embedding")
+  assert spec.targets == ("query", "value", "embedding")
+  model, params = _init(cfg, spec)
+  adapter, base = loralib.split(params)
+  table = adapter[loralib.EMBEDDING_ADAPTER]
+  assert table["lora_a"].shape == (61, 4) and not np.any(np.asarray(table["lora_a"]))
+  assert table["lora_b"].shape == (4, 32) and np.all(np.asarray(table["lora_b"]) != 0)
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+  plain = Transformer(cfg).apply({"params": base}, tokens)
+  np.testing.assert_array_equal(model.apply({"params": params}, tokens), plain)
+  moved = _perturbed(params)
+  merged = loralib.merge(moved, spec)
+  assert set(merged) == set(base)  # the table's adapter is folded in, not left behind
+  got = model.apply({"params": moved}, tokens)
+  assert np.abs(got - plain).max() > 1e-2
+  np.testing.assert_allclose(got, Transformer(cfg).apply({"params": merged}, tokens), atol=2e-5)
+  np.testing.assert_array_equal(model.apply({"params": moved}, tokens, adapters=False), plain)
+  # the output side: the logits are the final hidden states against the adapted table
+  hidden = model.apply({"params": moved}, tokens, return_hidden=True)
+  want = jnp.einsum("btd,vd->btv", hidden, merged["token_embedding"])
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  prompts = [[1, 2, 3], [4, 5]]
+  assert generate(model, moved, prompts, 6, temperature=0.0) == \
+      generate(Transformer(cfg), merged, prompts, 6, temperature=0.0)
 
 
 # -------------------------------------------------------------------------------- LoRA runs
@@ -251,6 +320,43 @@ def test_grad_accumulation_and_nonfinite_guard(lora_run, base_run):
   assert int(m3["nonfinite_skipped"]) == 1
   for a, b in zip(_leaves(bad.params), _leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_lora_plus_trains_b_at_lr_ratio_times_the_rate(lora_run):
+  """lora.lr_ratio (LoRA+): one step moves B lr_ratio times as far as plain LoRA does and A
+  exactly as far; the optimizer state is unchanged in size."""
+  params = runs.load_run(lora_run).params
+  tokens = np.random.default_rng(0).integers(0, 103, (8, 33)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  steady = {"optim.warmup_steps": 0}  # (a warmup's first step has learning rate 0)
+  plain, _ = _one_step(tiny(**LORA, **steady), params, batch)
+  plus, _ = _one_step(tiny(**LORA, **steady, **{"lora.lr_ratio": 4.0}), params, batch)
+  start = loralib.split(params)[0]
+  for name, ratio in (("lora_a", 1.0), ("lora_b", 4.0)):
+    for key, p0 in _by_name(start, name).items():
+      d_plain = np.asarray(_by_name(loralib.split(plain.params)[0], name)[key]) - np.asarray(p0)
+      d_plus = np.asarray(_by_name(loralib.split(plus.params)[0], name)[key]) - np.asarray(p0)
+      assert np.abs(d_plain).max() > 0
+      np.testing.assert_allclose(d_plus, ratio * d_plain, rtol=1e-4, atol=1e-7)
+  with pytest.raises(cfglib.ConfigError, match="lora.lr_ratio=0.0 must be positive"):
+    tiny(**LORA, **{"lora.lr_ratio": 0.0})
+
+
+def test_token_embedding_adapter_run(base_run, tmp_path):
+  """A run with the token table adapted: only adapters (the table's included) move, the run
+  reloads, and the PEFT export refuses it with the fix (merged export) named."""
+  from llmjax.convert import peft
+  from llmjax.convert.hf_config import ConversionError
+  workdir = str(tmp_path / "emb")
+  loop.train(tiny(**{"lora.rank": 4, "lora.targets": "query,value,embedding",
+                     "train.init_from": base_run}), workdir)
+  tuned, base = runs.load_run(workdir), runs.load_run(base_run)
+  adapter, frozen = loralib.split(tuned.params)
+  assert np.any(np.asarray(adapter[loralib.EMBEDDING_ADAPTER]["lora_a"]))
+  for got, want in zip(_leaves(frozen), _leaves(base.params)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ConversionError, match="export merged weights with --merge"):
+    peft.adapter_to_peft("gpt2", adapter, tuned.model.lora, tuned.model_config)
 
 
 def test_qlora_int8_base(base_run, tmp_path):

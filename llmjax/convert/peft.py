@@ -76,6 +76,12 @@ def _layer_entry(adapter: dict, cfg: TransformerConfig, target: str):
 def adapter_to_peft(kind: str, adapter: dict, spec: loralib.LoraSpec, cfg: TransformerConfig,
                     base_name: str = "") -> tuple[dict, dict[str, np.ndarray]]:
   """(adapter_config dict, {PEFT key: array}) for llmjax adapter params (numpy, stacked)."""
+  if "embedding" in spec.targets:
+    # PEFT adapts an embedding layer's lookups only, while llmjax's adapted table also feeds a
+    # tied output head, so a PEFT model would compute something else; not exported (yet)
+    raise ConversionError("the run has a LoRA adapter on the token embedding (lora.targets "
+                          "includes 'embedding'), which llmjax does not export in the PEFT "
+                          "format; export merged weights with --merge instead")
   r = spec.rank
   tensors: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern, target_modules = {}, {}, []

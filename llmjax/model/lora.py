@@ -17,6 +17,15 @@ parameters itself; here the adapter must carry this model's logical axis names, 
 per-head kernel layout the PEFT converter maps, and sit on top of the existing int8 weights.
 Flax's own interceptor, which qwix also builds on, does all of that in a page.)
 
+The token table ("embedding" target) has no DenseGeneral to intercept: the LoRA model class
+offers `adapted_table(table)`, which `transformer.embed_tokens` calls on the table it looked up,
+so the table becomes E + (alpha / rank) A B with A [vocab, rank] at zero and B [rank, embed]
+random (PEFT's initialization for embeddings, where the vocabulary side starts at zero), in a
+param dict "token_embedding_lora". With tied embeddings the output head reads the same adapted
+table, so input and output change together. (Why: a base pretrained on prose has nearly
+interchangeable digit embeddings, and frozen embeddings were what kept rank-8 LoRA on the
+attention matrices from learning three-digit addition: benchmarks/RESULTS.md, issue 10.)
+
 `adapters=False` in a call switches every adapter off (DPO's reference policy is the base model,
 with no second copy of the weights).
 
@@ -24,6 +33,7 @@ Parameter-tree helpers (`split`, `combine`, `merge`, `trainable_mask`) work on p
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -40,7 +50,8 @@ from llmjax.model.layers import DenseGeneral
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 # User-facing target names. 'down' is the MLP output projection (llmjax names it 'proj'); 'up' is
 # GPT-2's single MLP input projection ('fc') or Llama's up projection.
-TARGETS = ("query", "key", "value", "out", "gate", "up", "down", "lm_head")
+TARGETS = ("query", "key", "value", "out", "gate", "up", "down", "lm_head", "embedding")
+EMBEDDING_ADAPTER = "token_embedding_lora"  # param dict of the token table's adapter
 GROUPS = {"attn": ("query", "key", "value", "out"), "mlp": ("gate", "up", "down"),
           "all": ("query", "key", "value", "out", "gate", "up", "down")}
 _MLP_SITES = {"gate": "gate", "up": "up", "fc": "up", "proj": "down"}
@@ -70,6 +81,8 @@ def available_targets(cfg: TransformerConfig) -> tuple[str, ...]:
     names.insert(4, "gate")
   if not cfg.tie_embeddings:
     names.append("lm_head")
+  if cfg.family in ("decoder", "encoder"):  # the families whose table transformer.embed_tokens makes
+    names.append("embedding")
   return tuple(names)
 
 
@@ -78,7 +91,8 @@ def layer_dims(cfg: TransformerConfig, target: str) -> tuple[int, int]:
   d, hd, f = cfg.embed_dim, cfg.dim_per_head, cfg.hidden_dim
   return {"query": (d, cfg.num_heads * hd), "key": (d, cfg.kv_heads * hd),
           "value": (d, cfg.kv_heads * hd), "out": (cfg.num_heads * hd, d),
-          "gate": (d, f), "up": (d, f), "down": (f, d), "lm_head": (d, cfg.vocab_size)}[target]
+          "gate": (d, f), "up": (d, f), "down": (f, d), "lm_head": (d, cfg.vocab_size),
+          "embedding": (cfg.vocab_size, d)}[target]
 
 
 def make_spec(cfg: TransformerConfig, rank: int, alpha: float, targets: str | tuple,
@@ -101,6 +115,7 @@ def make_spec(cfg: TransformerConfig, rank: int, alpha: float, targets: str | tu
       chosen += [t for t in GROUPS[name] if t in have]
     elif name not in have:
       why = {"gate": f"model.mlp={cfg.mlp!r} has no gate projection",
+             "embedding": f"model.family={cfg.family!r} keeps its own token tables",
              "lm_head": "the output head is tied to the token embedding (model.tie_embeddings)"}
       reason = why.get(name, "it is not a LoRA target")
       raise LoraError(f"lora.targets names {name!r}, which names no layer of this model "
@@ -153,6 +168,31 @@ def _adapter_delta(module: DenseGeneral, x, spec: LoraSpec, deterministic: bool,
   return delta.reshape(*lead, *out_shape)
 
 
+class EmbeddingAdapter(nn.Module):
+  """The token table's adapter: table + scale * A B (A [vocab, rank] zero, B [rank, embed]
+  normal, as PEFT initializes embedding adapters); no dropout (its input is a token id)."""
+  spec: LoraSpec
+
+  @nn.compact
+  def __call__(self, table, enabled: bool):
+    vocab, dim = table.shape
+    a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("vocab", "lora_rank")),
+                   (vocab, self.spec.rank), jnp.float32)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                          ("lora_rank", "embed")),
+                   (self.spec.rank, dim), jnp.float32)
+    if not enabled:
+      return table
+    table = _float(table)  # an int8 (QLoRA) table is dequantized, then adapted
+    return (table.astype(jnp.float32) + self.spec.scale * (a @ b)).astype(table.dtype)
+
+
+# whether the adapters of the call being traced are on (the token table is adapted outside the
+# DenseGeneral interceptor, so it reads the flag here)
+_ENABLED = contextvars.ContextVar("lora_adapters_enabled", default=True)
+
+
 def _interceptor(spec: LoraSpec, deterministic: bool, enabled: bool):
   def intercept(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
@@ -174,14 +214,24 @@ def _lora_class(base_cls):
     bound = signature.bind(self, *args, **kwargs)
     bound.apply_defaults()
     deterministic = bool(bound.arguments.get("deterministic", True))
-    with nn.intercept_methods(_interceptor(self.lora, deterministic, adapters)):
-      return base_cls.__call__(self, *args, **kwargs)
+    flag = _ENABLED.set(adapters)
+    try:
+      with nn.intercept_methods(_interceptor(self.lora, deterministic, adapters)):
+        return base_cls.__call__(self, *args, **kwargs)
+    finally:
+      _ENABLED.reset(flag)
+
+  @nn.nowrap  # runs inside __call__'s compact scope (transformer.embed_tokens)
+  def adapted_table(self, table):
+    if "embedding" not in self.lora.targets:
+      return table
+    return EmbeddingAdapter(self.lora, name=EMBEDDING_ADAPTER)(table, _ENABLED.get())
 
   __call__.__doc__ = (f"{base_cls.__name__}.__call__ with LoRA adapters; adapters=False runs "
                       "the base model alone.")
   return type(f"Lora{base_cls.__name__}", (base_cls,),
               {"__annotations__": {"lora": LoraSpec}, "lora": None, "__call__": __call__,
-               "__module__": __name__})
+               "adapted_table": adapted_table, "__module__": __name__})
 
 
 def with_lora(model: nn.Module, spec: LoraSpec | None) -> nn.Module:
@@ -231,7 +281,9 @@ def combine(base, adapter) -> dict:
   loaded base is just combine(base, other_adapter)."""
   out = dict(base)
   for key, value in adapter.items():
-    if isinstance(value, dict):
+    if key == EMBEDDING_ADAPTER and key not in out:  # the token table's adapter: all adapter
+      out[key] = value
+    elif isinstance(value, dict):
       if key not in out:
         raise LoraError(f"the adapter has weights for {key!r}, which the base model lacks")
       out[key] = combine(out[key], value)
@@ -255,10 +307,17 @@ def merge(params, spec: LoraSpec, dtype=None) -> dict:
   def walk(tree):
     out = {}
     for key, value in tree.items():
+      if key == EMBEDDING_ADAPTER:  # the token table's adapter: folded into the table below
+        continue
       if isinstance(value, dict):
         out[key] = walk(value)
       elif key not in ADAPTER_LEAVES:
         out[key] = value
+    if EMBEDDING_ADAPTER in tree:
+      e = tree[EMBEDDING_ADAPTER]
+      table = jnp.asarray(_float(tree["token_embedding"]), jnp.float32)
+      delta = jnp.asarray(e["lora_a"], jnp.float32) @ jnp.asarray(e["lora_b"], jnp.float32)
+      out["token_embedding"] = (table + spec.scale * delta).astype(dtype or jnp.float32)
     if "lora_a" in tree:
       a = jnp.asarray(tree["lora_a"], jnp.float32)
       b = jnp.asarray(tree["lora_b"], jnp.float32)

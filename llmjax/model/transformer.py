@@ -118,6 +118,9 @@ def embed_tokens(module: nn.Module, cfg: TransformerConfig, tokens, positions):
   front end decoders and encoders share."""
   embedding = module.param("token_embedding", logical_init(cfg, ("vocab", "embed")),
                            (cfg.vocab_size, cfg.embed_dim), cfg.weight_dtype)
+  adapt = getattr(module, "adapted_table", None)  # a LoRA model's token-table adapter (model/lora.py)
+  if adapt is not None:
+    embedding = adapt(embedding)
   x = embedding_rows(embedding, tokens).astype(cfg.compute_dtype)
   return x + position_encoding(module, cfg, positions), embedding
 
