@@ -90,8 +90,6 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=50,
       eval_every=250,         # 0 disables periodic eval (a final eval still runs)
       eval_batches=20,
-      eval_group=1,           # issue 12: validation batches per eval call (vmapped): the same
-                              # batches and sums in fewer, larger calls
       checkpoint_every=500,   # 0 -> only at the end (and on SIGTERM/SIGINT)
       keep_checkpoints=3,     # keep the latest K checkpoints (0 -> keep all) ...
       keep_checkpoint_period=0,  # ... plus every step that is a multiple of M (0 -> none)
@@ -314,7 +312,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _validate_checkpointing(t)
   _validate_lora(config)
   _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
-  _need(t.eval_group >= 1, f"train.eval_group={t.eval_group} must be positive")  # issue 12
   _need(o.muon_ns_steps > 0, f"optim.muon_ns_steps={o.muon_ns_steps} must be positive")  # issue 12
   _need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   _need(0.0 < o.cooldown_frac <= 1.0, f"optim.cooldown_frac={o.cooldown_frac} must be in (0, 1]")

@@ -30,31 +30,16 @@ def bytes_per_token(tokenizer, val_tokens) -> float:
 
 
 def evaluate_params(eval_step, params, batch_fn, num_batches: int, tokenizer,
-                    bytes_per_tok: float, objective=None, *, group: int = 1,
-                    group_step=None, group_batch_fn=None) -> dict:
+                    bytes_per_tok: float, objective=None) -> dict:
   """Metrics over `num_batches` validation batches: each batch's eval_sums are summed in float64
   on the host (so the result does not depend on how batches were split across devices) and
   `objective.finalize` (default: causal LM's loss/perplexity) turns the totals into metrics.
-  Token-level LM objectives also get bits per character (char tokenizers) or byte.
-
-  issue 12: with `group` > 1, runs of `group` consecutive batches go through one call of
-  `group_step(params, group_batch_fn(first, group), indices)` (eval_step vmapped over stacked
-  batches: the same batches, indices and per-batch sums, in fewer and larger calls); batches left
-  over go through `eval_step` one by one."""
+  Token-level LM objectives also get bits per character (char tokenizers) or byte."""
   totals: dict[str, float] = {}
-
-  def add(sums):
-    for k, v in jax.device_get(sums).items():  # per-batch sums, added in float64
-      for x in np.ravel(np.asarray(v)):
-        totals[k] = totals.get(k, 0.0) + float(x)
-
-  i = 0
-  if group > 1 and group_step is not None:
-    while i + group <= num_batches:
-      add(group_step(params, group_batch_fn(i, group), np.arange(i, i + group, dtype=np.int32)))
-      i += group
-  for i in range(i, num_batches):
-    add(eval_step(params, batch_fn(i), i))
+  for i in range(num_batches):
+    sums = jax.device_get(eval_step(params, batch_fn(i), i))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
   if objective is None:
     from llmjax.objectives.causal_lm import CausalLM
     objective = CausalLM(None, None)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llmjax import adapters
 from llmjax import checkpoint as ckpt
@@ -302,28 +301,9 @@ class Run:
         metrics = evallib.evaluate_params(
             self.eval_step, params, lambda i, split=split: self.batch(split, i),
             num_batches or self.config.train.eval_batches, self.tokenizer, self.bytes_per_token,
-            self.program.objective, **self._eval_groups(split))
+            self.program.objective)
         result.update({prefix + k: v for k, v in metrics.items()})
     return result
-
-
-  # -- issue 12: validation batches evaluated in groups (train.eval_group) -----------------------
-  def _eval_groups(self, split: str) -> dict:
-    """evaluate_params' grouping arguments: train.eval_group consecutive batches stacked into
-    one call of the eval step vmapped over them (one process only; else batch by batch)."""
-    group = self.config.train.eval_group
-    if group <= 1 or jax.process_count() > 1:
-      return {}
-    if getattr(self, "_group_step", None) is None:
-      self._group_step = jax.jit(jax.vmap(self.eval_step, in_axes=(None, 0, 0)))
-    sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731 - batch axis 1 split
-        self.mesh, jax.sharding.PartitionSpec(None, *shd.batch_sharding(self.mesh, ndim).spec))
-
-    def stacked(first: int, count: int) -> dict:
-      rows = [self.host_batch(split, i) for i in range(first, first + count)]
-      return {k: jax.device_put(np.stack([r[k] for r in rows]), sharding(rows[0][k].ndim))
-              for k in rows[0]}
-    return {"group": group, "group_step": self._group_step, "group_batch_fn": stacked}
 
 
 # -- issue 9: task data ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What a Muon step costs against an AdamW step, and which Newton-Schulz settings make it cheaper.
+"""The speedrun's step: a Muon step against an AdamW step, and which settings make it cheaper
+(Newton-Schulz dtype and iterations, gradient accumulation).
 
 Builds the real `llmjax.loop.Run` (same jitted train step as the loop) of the speedrun recipe
 (experiments/shakespeare_speedrun.py) once per variant in one process, then times the variants
@@ -7,8 +8,8 @@ interleaved: `--steps` train steps per timing (dispatched asynchronously, as the
 name:key=value,key=value over the recipe; the name `optax` (any overrides) builds its Muon with
 optax.contrib.muon instead of llmjax.muon (the unstacked float32 reference).
 
-  python benchmarks/muon_step.py                      # the default variants below
-  python benchmarks/muon_step.py --variant=adamw:optim.optimizer=adamw --variant=ns3:optim.muon_ns_steps=3
+  python benchmarks/speedrun_step.py                      # the default variants below
+  python benchmarks/speedrun_step.py --variant=adamw:optim.optimizer=adamw --variant=ns3:optim.muon_ns_steps=3
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ DEFAULT_VARIANTS = [
     "optax:optim.muon_ns_dtype=float32",
     "f32:optim.muon_ns_dtype=float32",
     "bf16:optim.muon_ns_dtype=bfloat16",
-    "bf16_ns3:optim.muon_ns_dtype=bfloat16,optim.muon_ns_steps=3",
+    "bf16_acc3:optim.muon_ns_dtype=bfloat16,train.grad_accum_steps=3",
 ]
 
 
@@ -84,7 +85,7 @@ def main():
   p.add_argument("--variant", action="append", default=[])
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "muon_step.json"))
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "speedrun_step.json"))
   args = p.parse_args()
   variants = args.variant or DEFAULT_VARIANTS
   from llmjax import config as cfglib
