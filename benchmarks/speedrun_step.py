@@ -27,12 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-DEFAULT_VARIANTS = [
-    "adamw:optim.optimizer=adamw",
+DEFAULT_VARIANTS = [  # overrides of the recipe (bf16 Newton-Schulz, 3 micro-batches of 4)
+    "recipe:",
+    "acc1:train.grad_accum_steps=1",
+    "f32_ns:optim.muon_ns_dtype=float32",
     "optax:optim.muon_ns_dtype=float32",
-    "f32:optim.muon_ns_dtype=float32",
-    "bf16:optim.muon_ns_dtype=bfloat16",
-    "bf16_acc3:optim.muon_ns_dtype=bfloat16,train.grad_accum_steps=3",
+    "adamw:optim.optimizer=adamw",
+    "adamw_acc1:optim.optimizer=adamw,train.grad_accum_steps=1",
 ]
 
 
