@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 NO_DECAY_LEAVES = ("bias", "scale")                        # norms and biases
@@ -9,7 +10,8 @@ EMBEDDING_LEAVES = ("token_embedding", "position_embedding")
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine / linear decay to lr*min_lr_ratio, or constant."""
+  """Linear warmup from 0 to `lr`, then cosine / linear decay to lr*min_lr_ratio, or constant, or
+  constant and a linear decay over the last `cooldown_frac` of the steps after warmup ('wsd')."""
   o = optim_config
   peak, warmup = o.lr, o.warmup_steps
   decay_steps = max((o.decay_steps or total_steps) - warmup, 1)
@@ -20,6 +22,10 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     decay = optax.linear_schedule(peak, end, decay_steps)
   elif o.schedule == "constant":
     decay = optax.constant_schedule(peak)
+  elif o.schedule == "wsd":  # warmup-stable-decay (the modded-nanogpt speedrun's shape)
+    cool = max(int(round(decay_steps * o.cooldown_frac)), 1)
+    decay = optax.join_schedules([optax.constant_schedule(peak),
+                                  optax.linear_schedule(peak, end, cool)], [decay_steps - cool])
   else:
     raise ValueError(f"optim.schedule={o.schedule!r} is not one of cosine, linear, constant")
   if warmup == 0:
@@ -71,13 +77,13 @@ def make_optimizer(optim_config, total_steps: int):
   schedule = learning_rate_schedule(o, total_steps)
   mask = lambda p: weight_decay_mask(p, o.decay_embeddings)  # noqa: E731
   if o.get("optimizer", "adamw") == "muon":
-    from optax import contrib
+    from llmjax import muon
     ratio = o.muon_lr / o.lr  # the same warmup and decay, scaled to Muon's learning rate
-    main = contrib.muon(lambda step: schedule(step) * ratio, beta=o.muon_momentum,
-                        weight_decay=o.weight_decay, weight_decay_mask=mask,
-                        adam_b1=o.b1, adam_b2=o.b2, adam_learning_rate=schedule,
-                        adam_weight_decay=o.weight_decay,
-                        muon_weight_dimension_numbers=muon_dimension_numbers)
+    main = muon.muon(lambda step: schedule(step) * ratio, muon_dimension_numbers,
+                     beta=o.muon_momentum, ns_steps=o.muon_ns_steps,
+                     ns_dtype=jnp.dtype(o.muon_ns_dtype), weight_decay=o.weight_decay,
+                     weight_decay_mask=mask, adam_b1=o.b1, adam_b2=o.b2,
+                     adam_learning_rate=schedule, adam_weight_decay=o.weight_decay)
   else:
     main = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                        mask=mask)

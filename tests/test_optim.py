@@ -130,3 +130,53 @@ def test_muon_trains_through_the_program(tmp_path):
       state, metrics = run.train_step(state, run.batch("train", 0))
       losses.append(float(metrics["loss"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
+
+
+def _muon_setup():
+  cfg = TransformerConfig(vocab_size=32, num_layers=2, num_heads=2, embed_dim=16, max_seq_len=8,
+                          tie_embeddings=False)
+  params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0),
+                                                         jnp.zeros((2, 8), jnp.int32))["params"])
+  grads = [jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(i), p.shape), params)
+           for i in range(3)]
+  return params, grads
+
+
+def _run(tx, params, grads):
+  state, out = tx.init(params), []
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    out.append(updates)
+  return out
+
+
+def test_stacked_muon_equals_optax_contrib_muon():
+  """issue 12: llmjax.muon stacks the matrices of one shape into one Newton-Schulz batch; in
+  float32 its updates (3 steps, momentum and Nesterov included) are optax.contrib.muon's."""
+  from optax import contrib
+  from llmjax import muon
+  from llmjax.optim import muon_dimension_numbers
+  params, grads = _muon_setup()
+  kw = dict(beta=0.95, weight_decay=0.1, adam_b1=0.9, adam_b2=0.95, adam_learning_rate=1e-3,
+            adam_weight_decay=0.1)
+  ours = _run(muon.muon(0.02, muon_dimension_numbers, **kw), params, grads)
+  theirs = _run(contrib.muon(0.02, muon_weight_dimension_numbers=muon_dimension_numbers, **kw),
+                params, grads)
+  for a, b in zip(ours, theirs):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-7), a, b)
+
+
+def test_muon_bf16_newton_schulz_stays_close_to_float32():
+  """The bf16-operand iteration (optim.muon_ns_dtype) orthogonalizes as well as float32: every
+  layer matrix's update is within bf16 rounding of the float32 one, and fewer iterations
+  (optim.muon_ns_steps) change it."""
+  params, grads = _muon_setup()
+  f32, bf16, three = (make_optimizer(optim_config(optimizer="muon", warmup_steps=0, grad_clip=0.0,
+                                                  muon_ns_dtype=d, muon_ns_steps=n), 100)[0]
+                      for d, n in (("float32", 5), ("bfloat16", 5), ("float32", 3)))
+  a, b, c = (_run(tx, params, grads[:1])[0] for tx in (f32, bf16, three))
+  fc = lambda u: np.asarray(u["layers"]["mlp"]["fc"]["kernel"])  # noqa: E731
+  scale = np.abs(fc(a)).max()
+  assert np.abs(fc(a) - fc(b)).max() < 0.05 * scale
+  assert np.abs(fc(a) - fc(c)).max() > 1e-3 * scale
+  np.testing.assert_array_equal(a["token_embedding"], b["token_embedding"])  # AdamW's part

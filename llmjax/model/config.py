@@ -34,6 +34,7 @@ class TransformerConfig:
   norm: str = "layernorm"      # 'layernorm' | 'rmsnorm'
   norm_eps: float = 1e-5
   mlp: str = "gelu"            # 'gelu' | 'swiglu' | 'relu' (T5 v1.0) | 'geglu' (T5 v1.1 gated GELU)
+                               # | 'relu2' (squared ReLU, as in the modded-nanogpt speedrun)
   gelu_approximate: bool = True  # tanh GELU (GPT-2's "gelu_new"); False: exact erf GELU (nanoGPT)
   use_bias: bool = True
   tie_embeddings: bool = True

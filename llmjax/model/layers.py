@@ -134,7 +134,7 @@ class Norm(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU (GPT-2: fc -> gelu -> proj), ReLU (T5 v1.0), SwiGLU (Llama: silu(gate) * up -> down) or
+  """GELU (GPT-2: fc -> gelu -> proj), ReLU (T5 v1.0), squared ReLU (relu2), SwiGLU (Llama: silu(gate) * up -> down) or
   GeGLU (T5 v1.1: gelu(gate) * up -> down)."""
   cfg: TransformerConfig
 
@@ -152,11 +152,15 @@ class Mlp(nn.Module):
       gate = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="gate")(x)
       up = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="up")(x)
       h = nn.gelu(gate, approximate=cfg.gelu_approximate) * up
-    elif cfg.mlp in ("gelu", "relu"):
+    elif cfg.mlp in ("gelu", "relu", "relu2"):
       h = DenseGeneral(cfg, (f,), ("embed", "mlp"), use_bias=cfg.use_bias, name="fc")(x)
-      h = nn.relu(h) if cfg.mlp == "relu" else nn.gelu(h, approximate=cfg.gelu_approximate)
+      if cfg.mlp == "gelu":
+        h = nn.gelu(h, approximate=cfg.gelu_approximate)
+      else:  # relu2: squared ReLU (Primer; the modded-nanogpt speedrun's MLP), issue 12
+        h = nn.relu(h) if cfg.mlp == "relu" else jnp.square(nn.relu(h))
     else:
-      raise ValueError(f"model.mlp must be 'gelu', 'swiglu', 'relu' or 'geglu', got {cfg.mlp!r}")
+      raise ValueError(f"model.mlp must be 'gelu', 'swiglu', 'relu', 'relu2' or 'geglu', got "
+                       f"{cfg.mlp!r}")
     h = constrain(h, ("batch", "length", "mlp"))
     out = DenseGeneral(cfg, (cfg.embed_dim,), ("mlp", "embed"), use_bias=cfg.use_bias,
                        std=out_std, name="proj")(h)
