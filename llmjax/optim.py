@@ -27,7 +27,7 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     decay = optax.join_schedules([optax.constant_schedule(peak),
                                   optax.linear_schedule(peak, end, cool)], [decay_steps - cool])
   else:
-    raise ValueError(f"optim.schedule={o.schedule!r} is not one of cosine, linear, constant")
+    raise ValueError(f"optim.schedule={o.schedule!r} is not one of cosine, linear, constant, wsd")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
