@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -152,6 +153,32 @@ def spread(values):
 ARMS = ("pretrained", "scratch")
 
 
+def summarize_arms(result: dict, accuracy, seeds) -> None:
+  """Adds each arm's test-accuracy spread over the seeds and pretrained minus scratch per seed to
+  `result` (arm -> {"lr", "runs"}), and prints them; `accuracy(run)` reads a run's test accuracy.
+  Shared by this benchmark and benchmarks/bert_topic.py."""
+  for arm in ARMS:
+    result[arm]["accuracy"] = spread([accuracy(r) for r in result[arm]["runs"]])
+  diffs = [accuracy(a) - accuracy(b)
+           for a, b in zip(result["pretrained"]["runs"], result["scratch"]["runs"])]
+  result["pretrained_minus_scratch"] = {"per_seed": diffs, **spread(diffs)}
+  for arm in ARMS:
+    a = result[arm]["accuracy"]
+    print(f"{arm} (lr {result[arm]['lr']:g} chosen on val): test accuracy mean {a['mean']:.4f} "
+          f"std {a['std']:.4f} min {a['min']:.4f} median {a['median']:.4f} max {a['max']:.4f} "
+          f"over seeds {seeds}")
+  print(f"pretrained - scratch per seed: {', '.join(f'{x:+.4f}' for x in diffs)} "
+        f"(mean {result['pretrained_minus_scratch']['mean']:+.4f})")
+
+
+def write_report(path, report: dict) -> None:
+  """The JSON report, written atomically (a stopped run never leaves half a file)."""
+  out = Path(path)
+  tmp = out.with_suffix(out.suffix + ".tmp")
+  tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
+  os.replace(tmp, out)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
@@ -191,25 +218,12 @@ def main():
   for seed in seeds:
     for arm in ARMS:
       result[arm].setdefault("runs", []).append(run(arm, seed, result[arm]["lr"], "test"))
-  for arm in ARMS:
-    result[arm]["accuracy"] = spread([r["accuracy"] for r in result[arm]["runs"]])
-  diffs = [a["accuracy"] - b["accuracy"]
-           for a, b in zip(result["pretrained"]["runs"], result["scratch"]["runs"])]
-  result["pretrained_minus_scratch"] = {"per_seed": diffs, **spread(diffs)}
   report["classification"] = result
-  text = json.dumps(report, indent=2, default=float)
-  Path(args.out).write_text(text)
   final = report["pretrain"]["final"]
   print(f"MLM accuracy {final['mlm_accuracy']:.4f} (unigram baseline "
         f"{report['unigram_baseline']['accuracy']:.4f}), NSP accuracy {final['nsp_accuracy']:.4f}")
-  for arm in ARMS:
-    a = result[arm]["accuracy"]
-    print(f"classification {arm} (lr {result[arm]['lr']:g} chosen on val): test accuracy mean "
-          f"{a['mean']:.4f} std {a['std']:.4f} min {a['min']:.4f} median {a['median']:.4f} "
-          f"max {a['max']:.4f} over seeds {seeds}")
-  d = result["pretrained_minus_scratch"]
-  print(f"pretrained - scratch per seed: {', '.join(f'{x:+.4f}' for x in diffs)} "
-        f"(mean {d['mean']:+.4f})")
+  summarize_arms(result, lambda r: r["accuracy"], seeds)
+  write_report(args.out, report)
   print(f"wrote {args.out}")
 
 

@@ -48,11 +48,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from bert_finetune import SPECIALS, load_experiment, spread, unigram_baseline  # noqa: E402
+from bert_finetune import (ARMS, SPECIALS, load_experiment, summarize_arms, unigram_baseline,  # noqa: E402
+                           write_report)
 from finetune_classify import (sklearn_baselines, topic_sets,  # noqa: E402
                                write_jsonl, write_pretraining_corpus)
-
-ARMS = ("pretrained", "scratch")
 
 
 def load() -> list[float]:
@@ -194,26 +193,11 @@ def main():
       print(f"{arm} seed {seed} lr {lr:g}: test accuracy {r['test']['accuracy']:.4f}",
             flush=True)
       result[arm]["runs"].append(r)
-  for arm in ARMS:
-    result[arm]["accuracy"] = spread([r["test"]["accuracy"] for r in result[arm]["runs"]])
-  diffs = [a["test"]["accuracy"] - b["test"]["accuracy"]
-           for a, b in zip(result["pretrained"]["runs"], result["scratch"]["runs"])]
-  result["pretrained_minus_scratch"] = {"per_seed": diffs, **spread(diffs)}
   report["classification"] = result
   report["load_end"] = load()
-  out = Path(args.out)
-  tmp = out.with_suffix(out.suffix + ".tmp")
-  tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
-  os.replace(tmp, out)
-  for arm in ARMS:
-    a = result[arm]["accuracy"]
-    print(f"{arm} (lr {result[arm]['lr']:g} chosen on val): test accuracy mean {a['mean']:.4f} "
-          f"std {a['std']:.4f} min {a['min']:.4f} median {a['median']:.4f} max {a['max']:.4f} "
-          f"over seeds {seeds}")
-  d = result["pretrained_minus_scratch"]
-  print(f"pretrained - scratch per seed: {', '.join(f'{x:+.4f}' for x in diffs)} "
-        f"(mean {d['mean']:+.4f})")
-  print(f"wrote {out}")
+  summarize_arms(result, lambda r: r["test"]["accuracy"], seeds)
+  write_report(args.out, report)
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
