@@ -328,7 +328,7 @@ def _lacks_leaves(params, abstract) -> bool:
   """True when the model (`abstract` params) has a weight `params` lacks; LoRA adapters (added
   fresh by Program.state_from_params) do not count."""
   for key, value in abstract.items():
-    if key in ("lora_a", "lora_b", "token_embedding_lora"):  # the last: the token table's adapter
+    if key in adapters.loralib.ADAPTER_KEYS:
       continue
     if key not in params:
       return True

@@ -52,6 +52,7 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 # GPT-2's single MLP input projection ('fc') or Llama's up projection.
 TARGETS = ("query", "key", "value", "out", "gate", "up", "down", "lm_head", "embedding")
 EMBEDDING_ADAPTER = "token_embedding_lora"  # param dict of the token table's adapter
+ADAPTER_KEYS = (*ADAPTER_LEAVES, EMBEDDING_ADAPTER)  # every param key that only adapters have
 GROUPS = {"attn": ("query", "key", "value", "out"), "mlp": ("gate", "up", "down"),
           "all": ("query", "key", "value", "out", "gate", "up", "down")}
 _MLP_SITES = {"gate": "gate", "up": "up", "fc": "up", "proj": "down"}
