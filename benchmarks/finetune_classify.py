@@ -163,6 +163,7 @@ def finetune_config(base: str, train: str, test: str, args, scratch: bool, eval_
   c.data.update(path=train, val_path=test, batch_size=args.batch_size, seq_len=64,
                 truncate="right")
   c.optim.update(lr=args.lr, warmup_steps=30)
+  c.model.pooling = args.pooling
   c.train.update(objective="classification", epochs=args.epochs, eval_every=eval_every,
                  keep_best="", progress=False, tensorboard=False, log_every=50)
   return c
@@ -183,6 +184,8 @@ def main() -> None:
   p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--pooling", default="auto",
+                 help="model.pooling of the classifier: auto (= last real token), last, first, mean")
   p.add_argument("--validation", action="store_true",
                  help="score a validation split carved from the training regions instead of the "
                       "test set (for choosing --epochs/--lr); the base is the same either way")
@@ -225,7 +228,7 @@ def main() -> None:
   result["pretrain_s"] = time.perf_counter() - t0
 
   for name in ("pretrained",) + (() if args.skip_scratch else ("scratch",)):
-    work = str(tmp / f"ft_{name}_{split}_e{args.epochs}_lr{args.lr:g}")
+    work = str(tmp / f"ft_{name}_{split}_e{args.epochs}_lr{args.lr:g}_{args.pooling}")
     t0 = time.perf_counter()
     per_epoch = -(-len(train) // args.batch_size) if args.validation else 0  # one example per row
     loop.train(finetune_config(base, train_path, test_path, args, scratch=name == "scratch",
