@@ -164,6 +164,9 @@ def finetune_config(base: str, train: str, test: str, args, scratch: bool, eval_
                 truncate="right")
   c.optim.update(lr=args.lr, warmup_steps=30)
   c.model.pooling = args.pooling
+  c.optim.weight_decay = args.weight_decay
+  if args.finetune_dropout >= 0:  # a runtime field: the weights do not depend on it
+    c.model.dropout = args.finetune_dropout
   c.train.update(objective="classification", epochs=args.epochs, eval_every=eval_every,
                  keep_best="", progress=False, tensorboard=False, log_every=50)
   return c
@@ -184,6 +187,9 @@ def main() -> None:
   p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--finetune_dropout", type=float, default=-1.0,
+                 help="model.dropout while fine-tuning (default -1: the base's)")
+  p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decay while fine-tuning")
   p.add_argument("--pooling", default="auto",
                  help="model.pooling of the classifier: auto (= last real token), last, first, mean")
   p.add_argument("--validation", action="store_true",
@@ -228,7 +234,8 @@ def main() -> None:
   result["pretrain_s"] = time.perf_counter() - t0
 
   for name in ("pretrained",) + (() if args.skip_scratch else ("scratch",)):
-    work = str(tmp / f"ft_{name}_{split}_e{args.epochs}_lr{args.lr:g}_{args.pooling}")
+    work = str(tmp / f"ft_{name}_{split}_e{args.epochs}_lr{args.lr:g}_{args.pooling}"
+               f"_do{args.finetune_dropout:g}_wd{args.weight_decay:g}")
     t0 = time.perf_counter()
     per_epoch = -(-len(train) // args.batch_size) if args.validation else 0  # one example per row
     loop.train(finetune_config(base, train_path, test_path, args, scratch=name == "scratch",
