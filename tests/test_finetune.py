@@ -180,19 +180,23 @@ def test_classification_split_never_trains_on_held_out_text(tmp_path):
 
 @pytest.mark.slow
 def test_classification_bar(tmp_path):
-  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy
-  (benchmarks/finetune_classify.py's defaults: pretraining, fine-tuning and the from-scratch
-  comparison, whose figures are reported, not asserted). Narrow, and one seed only: the defaults
-  (seed 0) gave 91 of 95 on the shared CPU, --seed=1 86 and --seed=2 89 (mean 0.933: the bar is not
-  met robustly; benchmarks/RESULTS.md, issue 9)."""
-  out = tmp_path / "cls.json"
-  proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
-                  f"--workdir={tmp_path / 'runs'}"], timeout=7200)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads(out.read_text())
-  assert result["sklearn"]["train_windows"]["char_2-5gram"]["accuracy"] >= 0.95
-  assert "scratch" in result and result["pretrained"]["test_accuracy"] == result["test_accuracy"]
-  assert result["test_accuracy"] >= 0.95
+  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy,
+  as the mean over seeds 0, 1 and 2 of benchmarks/finetune_classify.py's defaults (each seed
+  pretrains its own base; the recipe, mean pooling with fine-tuning dropout 0.3 for 6 epochs, was
+  chosen on the validation split). Narrow: on the shared CPU the seeds gave 90, 90 and 92 of 95
+  (mean 0.954; benchmarks/RESULTS.md, issue 9). Long: three 1,500-step pretraining runs."""
+  accuracies = []
+  for seed in (0, 1, 2):
+    out = tmp_path / f"cls{seed}.json"
+    proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
+                    f"--seed={seed}", "--skip_scratch", f"--workdir={tmp_path / f'runs{seed}'}"],
+                   timeout=7200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["sklearn"]["train_windows"]["char_2-5gram"]["accuracy"] >= 0.95
+    assert result["pretrained"]["test_accuracy"] == result["test_accuracy"]
+    accuracies.append(result["test_accuracy"])
+  assert np.mean(accuracies) >= 0.95, accuracies
 
 
 def test_classifier_pooling_survives_init_from_training_and_evaluation(tmp_path):
