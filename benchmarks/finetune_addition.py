@@ -132,7 +132,9 @@ def digit_accuracy(workdir: str, test: str, answer: str) -> dict:
   from llmjax.data.task_data import load_task_dataset
   run = runs.load_run(workdir)
   data = run.config.data.copy_and_resolve_references()
-  data.update(path=test, val_path=test, packing=False)
+  # the answer digits are found from the completion's loss weights, whatever the run trained on
+  # (an all-token run's weights would cover the prompt too)
+  data.update(path=test, val_path=test, packing=False, train_on="completion")
   ds = load_task_dataset(data, 0, tokenizer=run.tokenizer)
   b = ds.batch("val", 0, len(ds.examples["val"]))
   logits = run.model.apply({"params": run.params}, jnp.asarray(b["inputs"]), deterministic=True,

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from llmjax.model.config import TransformerConfig
+from llmjax.model.pooling import CHOICES as POOLING_CHOICES
 from llmjax.model.transformer import REMAT_POLICIES
 
 
@@ -196,6 +197,7 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "model.matmul_dtype": ("compute", "bfloat16"),
     "model.norm_position": ("pre", "post"),  # issue 11
+    "model.pooling": POOLING_CHOICES,  # issue 9: the classifier's pooled hidden state
     "data.tokenizer": ("char", "byte", "sentencepiece", "hf"),
     "data.token_dtype": ("uint16", "uint32", "int32"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
@@ -355,6 +357,9 @@ def _validate_encoder(m, t) -> None:
         "--config.model.family=encoder")
   _need(m.pooler or not m.nsp_head,
         "model.nsp_head=True needs model.pooler=True (NSP classifies the pooled [CLS] token)")
+  _need(not m.pooler or m.pooling in ("auto", "first"),
+        f"model.pooling={m.pooling!r} conflicts with model.pooler=True (BERT's pooler reads the "
+        "first token); set --config.model.pooler=False or --config.model.pooling=first")
   _need(0.0 < t.mlm_probability < 1.0,
         f"train.mlm_probability={t.mlm_probability} must be in (0, 1)")
   _need(t.mlm_mask_fraction >= 0 and t.mlm_random_fraction >= 0

@@ -176,8 +176,10 @@ class Run:
     if not self.config.model.num_labels or self.init_source is not None:
       # num_labels 0 = taken from the data later; fine-tuning may add a head the source lacks
       diffs = [d for d in diffs if not d.startswith("model.num_labels (")]
-      if not diffs:
-        return
+    if self.init_source is not None:  # issue 9: the new head may pool differently (no weights)
+      diffs = [d for d in diffs if not d.startswith("model.pooling (")]
+    if not diffs:
+      return
     if self.init_source is None:
       raise ckpt.CheckpointError(
           f"cannot resume {self.workdir} from step {self.resume_step}: the config differs from the "

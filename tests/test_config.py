@@ -49,6 +49,21 @@ def test_choice_fields():
   assert "model.norm='batchnorm' is not one of layernorm, rmsnorm" in error_of(c)
 
 
+def test_classifier_pooling_choices():
+  """model.pooling (issue 9): one of auto/last/first/mean, and BERT's pooler reads the first token
+  only."""
+  c = base()
+  c.model.pooling = "max"
+  assert "model.pooling='max' is not one of auto, last, first, mean" in error_of(c)
+  for choice in ("auto", "last", "first", "mean"):
+    c.model.pooling = choice
+    cfglib.validate(c)
+  c.model.update(family="encoder", causal=False, pooler=True, pooling="mean")
+  assert "model.pooling='mean' conflicts with model.pooler=True" in error_of(c)
+  c.model.pooling = "first"
+  cfglib.validate(c)
+
+
 def test_width_not_divisible_by_heads():
   c = base()
   c.model.embed_dim = 30
@@ -102,6 +117,7 @@ def test_saved_config_round_trips():
     ("--config.model.foo=1", "unknown config key 'model.foo'"),
     ("--config.model.num_layers=abc", "--config.model.num_layers=abc"),
     ("--config.model.embed_dim=130", "model.embed_dim=130 is not divisible by model.num_heads=4"),
+    ("--config.model.pooling=max", "model.pooling='max' is not one of auto, last, first, mean"),
     ("--config.data.path=/nonexistent/corpus*.txt", "matches no file"),
 ])
 def test_cli_reports_one_line_and_exit_status_2(override, expected, tmp_path):

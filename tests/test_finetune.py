@@ -180,16 +180,84 @@ def test_classification_split_never_trains_on_held_out_text(tmp_path):
 
 @pytest.mark.slow
 def test_classification_bar(tmp_path):
-  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy
-  (benchmarks/finetune_classify.py's defaults: pretraining, fine-tuning and the from-scratch
-  comparison, whose figures are reported, not asserted). Narrow, and one seed only: the defaults
-  (seed 0) gave 91 of 95 on the shared CPU, --seed=1 86 and --seed=2 89 (mean 0.933: the bar is not
-  met robustly; benchmarks/RESULTS.md, issue 9)."""
-  out = tmp_path / "cls.json"
-  proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
-                  f"--workdir={tmp_path / 'runs'}"], timeout=7200)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads(out.read_text())
-  assert result["sklearn"]["train_windows"]["char_2-5gram"]["accuracy"] >= 0.95
-  assert "scratch" in result and result["pretrained"]["test_accuracy"] == result["test_accuracy"]
-  assert result["test_accuracy"] >= 0.95
+  """A topic-classification task cut from the embedded corpus reaches >= 95% held-out accuracy,
+  as the mean over seeds 0, 1 and 2 of benchmarks/finetune_classify.py's defaults (each seed
+  pretrains its own base; the recipe, mean pooling with fine-tuning dropout 0.3 for 6 epochs, was
+  chosen on the validation split). Narrow: on the shared CPU the seeds gave 90, 90 and 92 of 95
+  (mean 0.954; benchmarks/RESULTS.md, issue 9). Long: three 1,500-step pretraining runs."""
+  accuracies = []
+  for seed in (0, 1, 2):
+    out = tmp_path / f"cls{seed}.json"
+    proc = run_cli([str(ROOT / "benchmarks" / "finetune_classify.py"), f"--out={out}",
+                    f"--seed={seed}", "--skip_scratch", f"--workdir={tmp_path / f'runs{seed}'}"],
+                   timeout=7200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["sklearn"]["train_windows"]["char_2-5gram"]["accuracy"] >= 0.95
+    assert result["pretrained"]["test_accuracy"] == result["test_accuracy"]
+    accuracies.append(result["test_accuracy"])
+  assert np.mean(accuracies) >= 0.95, accuracies
+
+
+def test_classifier_pooling_survives_init_from_training_and_evaluation(tmp_path):
+  """model.pooling=mean end to end: a language-model base (pooling auto) fine-tuned for
+  classification with mean pooling through train.init_from (the head's pooling may differ from
+  the base's, resuming with another pooling may not); llmjax.evaluate's logits are the classifier
+  applied to the mean of the final hidden states over the real tokens, computed here by hand; and
+  HF export refuses a classification model in one line instead of dropping its head."""
+  import jax
+  from llmjax import convert, loop, runs
+  from llmjax.data import packing, task_data
+  from llmjax.data.formats import read_examples
+  from llmjax.eval.runner import evaluate_file
+
+  def tiny(c):
+    c.model.update(num_layers=1, num_heads=2, embed_dim=16, max_seq_len=16)
+    c.data.update(seq_len=16, batch_size=4, tokenizer="char")
+    c.optim.warmup_steps = 1
+    c.train.update(steps=2, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=0,
+                   progress=False, tensorboard=False, sample_tokens=0, grad_accum_steps=1)
+    return c
+  (tmp_path / "corpus.txt").write_text("a good cat sat. a bad dog ran. " * 40)
+  base = tiny(cfglib.default_config())
+  base.data.path = str(tmp_path / "corpus.txt")
+  loop.train(base, str(tmp_path / "base"))
+  rows = [{"text": f"{w} {'cat ' * (i % 3)}", "label": w} for i, w in
+          enumerate(["good", "bad"] * 10)]
+  train, val = write(tmp_path / "t.jsonl", rows[:16]), write(tmp_path / "v.jsonl", rows[16:])
+  ft = tiny(cfglib.default_config())
+  ft.data.update(path=train, val_path=val, tokenizer="char", packing=False)
+  ft.model.pooling = "mean"
+  ft.train.update(objective="classification", init_from=str(tmp_path / "base"))
+  loop.train(ft, str(tmp_path / "ft"))
+  assert json.loads((tmp_path / "ft" / "config.json").read_text())["model"]["pooling"] == "mean"
+
+  summary, records = evaluate_file(str(tmp_path / "ft"), val)
+  assert summary["examples"] == 4
+  run = runs.load_run(tmp_path / "ft")
+  assert run.model_config.pooling == "mean"
+  encoder = task_data.Encoder(run.tokenizer, run.config.data, classification=True)
+  labels = {"bad": 0, "good": 1}
+  examples = read_examples(val).examples
+  tokenized = [encoder.encode(ex, task_data.EncodeStats(), labels[ex.label]) for ex in examples]
+  built = packing.build_rows(tokenized, [[i] for i in range(len(tokenized))], 16)
+  hidden = np.asarray(run.model.apply({"params": run.params}, jnp.asarray(built["inputs"]),
+                                      segment_ids=jnp.asarray(built["segment_ids"]),
+                                      positions=jnp.asarray(built["positions"]),
+                                      return_hidden=True))
+  real = np.asarray(built["segment_ids"]) > 0
+  assert real.sum(1).min() < real.shape[1]  # every row's padding is excluded, not averaged in
+  head = jax.tree.map(np.asarray, run.params["classifier"])
+  for i, rec in enumerate(records):
+    mean = hidden[i][real[i]].mean(0)
+    np.testing.assert_allclose(rec["logits"], mean @ head["kernel"] + head["bias"],
+                               rtol=1e-4, atol=1e-5)
+
+  again = tiny(cfglib.from_json((tmp_path / "ft" / "config.json").read_text()))
+  again.model.pooling = "last"
+  again.train.steps = 3
+  with pytest.raises(ckpt.CheckpointError, match=r"model.pooling \(checkpoint 'mean', config 'last'\)"):
+    loop.train(again, str(tmp_path / "ft"))
+  with pytest.raises(convert.ConversionError, match="a classification model"):
+    convert.export_hf(tmp_path / "ft", tmp_path / "hf")
+  assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())

@@ -185,6 +185,48 @@ def test_build_model_dispatches_on_family():
     cfglib.validate(c)
 
 
+def test_pooling_functions_pick_the_right_positions():
+  """llmjax/model/pooling.py on hand-made hidden states: last / first real token, the mean over
+  real tokens only, 'auto' by causality, and no segment ids = the whole row is real."""
+  from llmjax.model import pooling
+  x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+  seg = jnp.asarray([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], jnp.int32)  # row 1: padding in front
+  np.testing.assert_array_equal(pooling.pool_last(x, seg), jnp.stack([x[0, 2], x[1, 4]]))
+  np.testing.assert_array_equal(pooling.pool_first(x, seg), jnp.stack([x[0, 0], x[1, 1]]))
+  np.testing.assert_allclose(pooling.pool_mean(x, seg),
+                             jnp.stack([x[0, :3].mean(0), x[1, 1:].mean(0)]), rtol=1e-6)
+  np.testing.assert_array_equal(pooling.pool_last(x, None), x[:, -1])
+  np.testing.assert_array_equal(pooling.pool_first(x, None), x[:, 0])
+  np.testing.assert_allclose(pooling.pool_mean(x, None), x.mean(1), rtol=1e-6)
+  assert pooling.resolve("auto", True) == "last" and pooling.resolve("auto", False) == "first"
+  assert pooling.resolve("mean", True) == "mean"
+  np.testing.assert_array_equal(pooling.pool_hidden(x, seg, causal=False), pooling.pool_first(x, seg))
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_mean_pooling_classifier_ignores_padding(family):
+  """model.pooling=mean: the classifier reads the mean of the final hidden states over real
+  tokens, so changing the ids of padding tokens does not move the logits (decoder and encoder)."""
+  cfg = dataclasses.replace(CFG, num_labels=3, pooling="mean", family=family,
+                            causal=family == "decoder")
+  model = build_model(cfg)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))["params"])
+  tokens = np.asarray([[5, 6, 7, 8, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
+  seg = np.asarray([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8], np.int32)
+  out = model.apply({"params": params}, tokens, segment_ids=seg)
+  other_pad = tokens.copy()
+  other_pad[0, 4:] = [9, 3, 11, 2]
+  np.testing.assert_allclose(model.apply({"params": params}, other_pad, segment_ids=seg), out,
+                             rtol=1e-6, atol=1e-6)
+  hidden = model.apply({"params": params}, tokens, segment_ids=seg, return_hidden=True)
+  means = jnp.stack([hidden[0, :4].mean(0), hidden[1].mean(0)])
+  want = means @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  last = build_model(dataclasses.replace(cfg, pooling="last")).apply({"params": params}, tokens,
+                                                                     segment_ids=seg)
+  assert not np.allclose(last, out)  # the pooling is what changed
+
+
 def test_classifier_head_pools_the_last_real_token():
   """num_labels > 0: label logits from the last token with segment id > 0 (causal), so padding
   after it changes nothing; bidirectional models pool the first token. Param count matches."""

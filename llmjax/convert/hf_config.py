@@ -129,6 +129,9 @@ def to_llmjax(hf: Mapping[str, Any], param_dtype: str = "float32") -> Transforme
 def export_family(cfg: TransformerConfig) -> str:
   """Which HF architecture represents `cfg` exactly; refuses combinations HF has no class for."""
   _refuse(not cfg.causal, "a bidirectional (causal=False) model has no GPT-2/Llama equivalent")
+  _refuse(cfg.num_labels > 0,
+          "a classification model (model.num_labels > 0) has no GPT2LMHeadModel/LlamaForCausalLM "
+          "twin (its classifier head would be lost); export the base run it was fine-tuned from")
   if (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
     _refuse(cfg.kv_heads != cfg.num_heads,
             "GPT-2 has no grouped-query attention; this model has num_kv_heads != num_heads")

@@ -6,7 +6,8 @@ module by `cfg.family` from FAMILIES (issue 11 adds "encoder" and "encoder_decod
 from llmjax.model.config import TransformerConfig, num_params
 from llmjax.model.encoder import Encoder
 from llmjax.model.encoder_decoder import EncoderDecoder
-from llmjax.model.transformer import REMAT_POLICIES, Transformer, pool_hidden, unstack_layers
+from llmjax.model.pooling import POOLING, pool_hidden
+from llmjax.model.transformer import REMAT_POLICIES, Transformer, unstack_layers
 
 # model family -> linen module class taking the TransformerConfig as its only field
 FAMILIES = {"decoder": Transformer, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
@@ -19,4 +20,4 @@ def build_model(cfg: TransformerConfig):
 
 
 __all__ = ["TransformerConfig", "Transformer", "Encoder", "EncoderDecoder", "REMAT_POLICIES",
-           "FAMILIES", "build_model", "num_params", "pool_hidden", "unstack_layers"]
+           "FAMILIES", "POOLING", "build_model", "num_params", "pool_hidden", "unstack_layers"]

@@ -68,8 +68,12 @@ class TransformerConfig:
 
   # Sequence classification (issue 9): > 0 puts a `classifier` head (embed -> num_labels) on the
   # pooled final hidden state, and the model returns label logits [batch, num_labels] instead of
-  # token logits: the last real token for causal models, the first for bidirectional ones.
+  # token logits.
   num_labels: int = 0
+  # which hidden state(s) the classifier reads (llmjax/model/pooling.py): 'last' real token,
+  # 'first' token, 'mean' over real tokens; 'auto' = last for causal models, first for
+  # bidirectional ones
+  pooling: str = "auto"
 
   @property
   def num_encoder_layers(self) -> int:

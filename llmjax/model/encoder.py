@@ -12,7 +12,7 @@ Heads:
 - pooler (model.pooler): dense + tanh on the first ([CLS]) token, for classification;
 - next-sentence prediction (model.nsp_head): 2 logits from the pooled output;
 - classification (model.num_labels > 0, the fine-tuning head): label logits from the pooled first
-  token, replacing the masked-LM and NSP heads.
+  token (or the pooling model.pooling names), replacing the masked-LM and NSP heads.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from llmjax.model.config import TransformerConfig
 from llmjax.model.layers import (DenseGeneral, Norm, constrain, dense_weight, logical_init,
                                  zeros_init)
+from llmjax.model.pooling import pool_hidden
 from llmjax.model.transformer import embed_tokens, scanned_blocks
 
 
@@ -106,7 +107,7 @@ class Encoder(nn.Module):
       return x
 
     if getattr(cfg, "num_labels", 0) > 0:
-      return self._classify(x, deterministic)
+      return self._classify(x, segment_ids, deterministic)
 
     init = self.is_initializing()
     pooled = None
@@ -132,12 +133,14 @@ class Encoder(nn.Module):
     return logits
 
   @nn.nowrap  # runs inside __call__'s compact scope
-  def _classify(self, x, deterministic):
+  def _classify(self, x, segment_ids, deterministic):
     """Sequence classification (model.num_labels > 0), as BertForSequenceClassification: label
     logits [batch, num_labels] from the pooled first token (the pooler's output when the model has
-    one, else the first token's hidden state), after dropout. The MLM and NSP heads are not built."""
+    one, else the hidden state model.pooling picks: the first token by default, or the mean over
+    real tokens), after dropout. The MLM and NSP heads are not built."""
     cfg = self.cfg
-    pooled = Pooler(cfg, name="pooler")(x) if cfg.pooler else x[:, 0]
+    pooled = (Pooler(cfg, name="pooler")(x) if cfg.pooler
+              else pool_hidden(x, segment_ids, False, cfg.pooling))
     pooled = nn.Dropout(cfg.dropout)(constrain(pooled, ("batch", "embed")),
                                      deterministic=deterministic)
     logits = DenseGeneral(cfg, (cfg.num_labels,), ("embed", "labels"), use_bias=True,

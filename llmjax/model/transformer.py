@@ -23,6 +23,7 @@ from llmjax.model.config import TransformerConfig
 from llmjax.model.embeddings import sinusoidal_positions
 from llmjax.model.layers import (DenseGeneral, Mlp, Norm, constrain, dense_weight, embedding_rows,
                                  logical_init, matmul)
+from llmjax.model.pooling import pool_hidden
 
 # Which intermediate values a rematerialized block keeps for the backward pass.
 REMAT_POLICIES = {
@@ -89,7 +90,7 @@ class Transformer(nn.Module):
     if return_hidden:
       return x
     if cfg.num_labels > 0:
-      return self._classify(pool_hidden(x, segment_ids, cfg.causal))
+      return self._classify(pool_hidden(x, segment_ids, cfg.causal, cfg.pooling))
 
     if cfg.tie_embeddings:
       table = dense_weight(embedding, cfg.compute_dtype, x)
@@ -156,21 +157,6 @@ def scanned_blocks(cfg: TransformerConfig, x, positions, segment_ids, determinis
   )
   x, _ = layers(cfg, deterministic, False, name="layers")(x, positions, segment_ids)
   return x
-
-
-def pool_hidden(x, segment_ids, causal: bool):
-  """One vector per row of hidden states x [batch, length, embed]. Causal models: the last real
-  token (the only one that has seen the whole example); real tokens have segment_ids > 0 and
-  padding 0, and with no segment_ids the whole row is real. Bidirectional models: the first token."""
-  if not causal:
-    return x[:, 0]
-  length = x.shape[1]
-  if segment_ids is None:
-    last = jnp.full((x.shape[0],), length - 1, jnp.int32)
-  else:
-    idx = jnp.arange(length, dtype=jnp.int32)
-    last = jnp.max(jnp.where(segment_ids > 0, idx, 0), axis=1)
-  return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 
 def unstack_layers(params):

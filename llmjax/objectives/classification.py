@@ -1,8 +1,9 @@
 """Sequence classification: cross-entropy over labels from the model's classifier head.
 
 The model (model.num_labels > 0, taken from the training data's labels when 0) pools the final
-hidden state of the last real token (causal) or the first token (bidirectional) and maps it to
-label logits. batch: inputs, segment_ids, positions int32 [batch, seq] (segment 0 = padding);
+hidden states as model.pooling says (llmjax/model/pooling.py: by default the last real token for
+causal models, the first token for bidirectional ones; or the mean over real tokens) and maps the
+pooled vector to label logits. batch: inputs, segment_ids, positions int32 [batch, seq] (segment 0 = padding);
 labels int32 [batch]; label_weights float32 [batch] (0 for empty rows that pad the last eval
 batch). Validation reports loss, accuracy and macro-F1 (the unweighted mean of per-label F1 over
 the labels, as sklearn's f1_score(average="macro")).
