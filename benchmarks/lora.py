@@ -64,6 +64,19 @@ def variants(args) -> dict:
   }
 
 
+def run_name(name: str, args) -> str:
+  """The fine-tuning run's directory under --workdir. Full fine-tuning is finetune_addition.py's
+  completion-loss run ("ft_completion", reused from a shared --workdir); another train.seed or
+  other adapter targets get their own directory, so a shared --workdir never reuses a run made
+  with different settings."""
+  work = "ft_completion" if name == "full" else f"ft_{name}"
+  if name != "full" and args.lora_targets != "all" and not name.endswith(("_qv", "_qve")):
+    work += "_" + args.lora_targets.replace(",", "-")
+  if args.train_seed is not None:
+    work += f"_seed{args.train_seed}"
+  return work
+
+
 def lora_config(base: str, paths: dict, args, lora: dict | None, lr: float):
   c = finetune_config(base, paths["train"], paths["val"], args, "completion", lr)
   if args.train_seed is not None:  # another adapter init, dropout stream and data order
@@ -218,7 +231,7 @@ def main() -> None:
     for name in names:
       # full fine-tuning is finetune_addition.py's completion-loss run (the same config): with a
       # shared --workdir it is reused, not trained twice
-      work = str(tmp / ("ft_completion" if name == "full" else f"ft_{name}"))
+      work = str(tmp / run_name(name, args))
       t0 = time.perf_counter()
       reused = (Path(work) / "checkpoints").exists()
       if not reused:

@@ -83,3 +83,16 @@ def test_trainable_share_and_optimizer_bytes_are_exact(tmp_path):
   # two float32 moments per trainable parameter, plus a few scalar counters
   assert 8 * adapters <= m["lora_r8"]["optimizer_bytes"] < 8 * adapters + 64
   assert 8 * base_params <= m["full"]["optimizer_bytes"] < 8 * base_params + 64
+
+
+def test_runs_with_other_seeds_or_targets_get_their_own_directories():
+  """A shared --workdir reuses a run only when it was made with the same settings."""
+  assert lora_bench.run_name("full", _args()) == "ft_completion"
+  assert lora_bench.run_name("lora_r8", _args()) == "ft_lora_r8"
+  assert lora_bench.run_name("lora_r8_qve", _args()) == "ft_lora_r8_qve"
+  assert lora_bench.run_name("lora_r8", _args("--lora_targets=all,embedding")) == (
+      "ft_lora_r8_all-embedding")
+  assert lora_bench.run_name("full", _args("--train_seed=1")) == "ft_completion_seed1"
+  assert lora_bench.run_name("qlora_r8", _args("--lora_targets=all,embedding",
+                                               "--train_seed=1")) == (
+      "ft_qlora_r8_all-embedding_seed1")
