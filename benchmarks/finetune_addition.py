@@ -64,17 +64,40 @@ def write_jsonl(path: Path, records) -> str:
   return str(path)
 
 
-def base_config(steps: int):
+def base_config(steps: int, layers: int = 4, width: int = 128, heads: int = 4,
+                matmul_dtype: str = "compute", lr: float = 2e-3):
+  """The base's pretraining config. The defaults are issue 9's base (4 layers, 128 wide, 4 heads:
+  1.1M parameters), the one every recorded figure up to issue 10's wide-base runs used; the
+  fine-tuning runs inherit its shape and matmul_dtype (experiments/finetune.py copies `model`)."""
   from llmjax.config import default_config
   c = default_config()
-  c.model.update(num_layers=4, num_heads=4, embed_dim=128, max_seq_len=64, position="rotary",
-                 norm="rmsnorm", mlp="swiglu", use_bias=False, scan_layers=False)
+  c.model.update(num_layers=layers, num_heads=heads, embed_dim=width, max_seq_len=64,
+                 position="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False,
+                 scan_layers=False, matmul_dtype=matmul_dtype)
   c.data.update(tokenizer="sentencepiece", sp_vocab_size=512, sp_split_digits=True, seq_len=64,
                 batch_size=16)
-  c.optim.update(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1)
+  c.optim.update(lr=lr, warmup_steps=50, min_lr_ratio=0.1)
   c.train.update(steps=steps, eval_every=0, eval_batches=4, log_every=50, checkpoint_every=0,
                  sample_tokens=0, progress=False, tensorboard=False, grad_accum_steps=1)
   return c
+
+
+def base_shape_mismatch(base: str, args) -> str:
+  """'' when the existing base run in `base` has the shape the flags ask for, else a one-line
+  reason: a reused --workdir must not silently measure another base than the one recorded."""
+  from llmjax import runs
+  m = runs.read_config(base).model
+  want = {"num_layers": args.base_layers, "embed_dim": args.base_width,
+          "num_heads": args.base_heads, "matmul_dtype": args.matmul_dtype}
+  wrong = [f"{k}={m[k]} (flags ask {v})" for k, v in want.items() if m[k] != v]
+  return (f"the base run in {base} has {', '.join(wrong)}; use another --workdir or the "
+          "matching --base_layers/--base_width/--base_heads/--matmul_dtype") if wrong else ""
+
+
+def base_config_from_args(args):
+  """base_config with the shape the recipe flags (add_recipe_args) ask for."""
+  return base_config(args.pretrain_steps, layers=args.base_layers, width=args.base_width,
+                     heads=args.base_heads, matmul_dtype=args.matmul_dtype, lr=args.pretrain_lr)
 
 
 def finetune_config(base: str, train: str, val: str, args, train_on: str = "completion",
@@ -161,6 +184,14 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
   budget on the same examples. These defaults (reversed answers, 1,500 steps, no weight decay) are
   the ones lora.py's recorded figures used; this script's main() sets the plain format's recipe."""
   p.add_argument("--pretrain_steps", type=int, default=300)
+  # the base's shape (defaults: issue 9's 4 x 128 base); a wider base makes rank-8 adapters a
+  # smaller share of the parameters (~11.5 / width on all seven attention/MLP matrices)
+  p.add_argument("--base_layers", type=int, default=4, help="the base's layers")
+  p.add_argument("--base_width", type=int, default=128, help="the base's model width (embed_dim)")
+  p.add_argument("--base_heads", type=int, default=4, help="the base's attention heads")
+  p.add_argument("--pretrain_lr", type=float, default=2e-3, help="the base's pretraining lr")
+  p.add_argument("--matmul_dtype", choices=("compute", "bfloat16"), default="compute",
+                 help="model.matmul_dtype of the base, inherited by every fine-tuning run")
   p.add_argument("--finetune_steps", type=int, default=1500)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--warmup_steps", type=int, default=100)
@@ -207,7 +238,9 @@ def main() -> None:
   t0 = time.perf_counter()
   base = str(tmp / "base")
   if not (Path(base) / "checkpoints").exists():
-    loop.train(base_config(args.pretrain_steps), base)
+    loop.train(base_config_from_args(args), base)
+  elif base_shape_mismatch(base, args):
+    p.error(base_shape_mismatch(base, args))
   result["pretrain_s"] = time.perf_counter() - t0
   result["base_exact_match"] = exact_match(base, paths["test"])
   print(f"base model: exact match {result['base_exact_match']:.3f} on {len(test)} held-out sums",

@@ -11,8 +11,14 @@ budget fully, with LoRA (--lora_rank on --lora_targets, at --lora_lr), with QLoR
 an int8 base), with LoRA on query/value only, and on query/value plus the token table (`_qve`,
 also as QLoRA). With the --workdir of a finetune_addition.py run its base and its completion-loss
 run (= full fine-tuning) are reused.
+The base's shape is selectable (--base_layers, --base_width, --base_heads, --matmul_dtype;
+defaults: issue 9's 4 x 128 base): rank-8 adapters on all seven attention/MLP matrices are
+~11.5 / width of the parameters, so a wider base makes them a small share, as in practice. The
+shape is recorded in the JSON ("base"); a reused --workdir whose base has another shape is refused.
 
   PYTHONPATH=$PWD python benchmarks/lora.py --out=benchmarks/lora.json [--quality]
+  PYTHONPATH=$PWD python benchmarks/lora.py --quality --base_layers=2 --base_width=640 \
+      --base_heads=10 --matmul_dtype=bfloat16 --lora_targets=all,embedding --variants=full,lora_r8
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # issue 9's task, base and fine-tuning recipe, so LoRA and full fine-tuning are compared on the
 # very same examples, base and budget as benchmarks/finetune_addition.py measures
-from finetune_addition import (add_recipe_args, addition_sets, base_config,  # noqa: E402
-                               exact_match, finetune_config, run_figures, write_jsonl)
+from finetune_addition import (add_recipe_args, addition_sets,  # noqa: E402
+                               base_config_from_args, base_shape_mismatch, exact_match,
+                               finetune_config, run_figures, write_jsonl)
 
 
 def variants(args) -> dict:
@@ -55,6 +62,19 @@ def variants(args) -> dict:
       f"lora_r{r}_qve": (qve, args.lora_lr),
       f"qlora_r{r}_qve": ({**qve, "base_dtype": "int8"}, args.lora_lr),
   }
+
+
+def run_name(name: str, args) -> str:
+  """The fine-tuning run's directory under --workdir. Full fine-tuning is finetune_addition.py's
+  completion-loss run ("ft_completion", reused from a shared --workdir); another train.seed or
+  other adapter targets get their own directory, so a shared --workdir never reuses a run made
+  with different settings."""
+  work = "ft_completion" if name == "full" else f"ft_{name}"
+  if name != "full" and args.lora_targets != "all" and not name.endswith(("_qv", "_qve")):
+    work += "_" + args.lora_targets.replace(",", "-")
+  if args.train_seed is not None:
+    work += f"_seed{args.train_seed}"
+  return work
 
 
 def lora_config(base: str, paths: dict, args, lora: dict | None, lr: float):
@@ -177,8 +197,10 @@ def main() -> None:
   base = str(tmp / "base")
   if not (Path(base) / "checkpoints").exists():
     t0 = time.perf_counter()
-    loop.train(base_config(args.pretrain_steps), base)
+    result["pretrain_final"] = loop.train(base_config_from_args(args), base)
     result["pretrain_s"] = time.perf_counter() - t0
+  elif base_shape_mismatch(base, args):
+    p.error(base_shape_mismatch(base, args))
   loaded = runs.load_run(base)
   programs = {}
   for name in (names if "full" in names else ["full", *names]):  # memory is relative to full
@@ -187,6 +209,11 @@ def main() -> None:
     programs[name] = program.build(c, shd.make_mesh(c), cfglib.model_config(
         c, loaded.tokenizer.vocab_size))
   result["memory"] = memory(programs)
+  result["base"] = {"layers": args.base_layers, "width": args.base_width,
+                    "heads": args.base_heads, "matmul_dtype": args.matmul_dtype,
+                    "params": result["memory"]["full"]["params"]}
+  print(f"base: {args.base_layers} layers x {args.base_width} wide, {args.base_heads} heads, "
+        f"matmuls {args.matmul_dtype}: {result['base']['params']:,} parameters", flush=True)
   for name, m in result["memory"].items():
     print(f"{name:9s} trainable {m['trainable']:>9,} ({m['trainable_fraction']:.2%}); optimizer "
           f"{m['optimizer_bytes'] / 1024:,.1f} KiB ({m['optimizer_vs_full']:.2%} of full); base "
@@ -204,7 +231,7 @@ def main() -> None:
     for name in names:
       # full fine-tuning is finetune_addition.py's completion-loss run (the same config): with a
       # shared --workdir it is reused, not trained twice
-      work = str(tmp / ("ft_completion" if name == "full" else f"ft_{name}"))
+      work = str(tmp / run_name(name, args))
       t0 = time.perf_counter()
       reused = (Path(work) / "checkpoints").exists()
       if not reused:
