@@ -13,12 +13,14 @@ def get_config():
                  mlp="gelu", gelu_approximate=False,  # nanoGPT uses the exact (erf) GELU
                  # 4 small layers: unrolled runs 1.4-1.9x faster than scanned on a 2-core CPU
                  # (benchmarks/RESULTS.md), and compiles in seconds either way
-                 scan_layers=False)
+                 scan_layers=False, matmul_dtype="bfloat16")
   c.data.update(tokenizer="char", seq_len=64, batch_size=12)
-  # One process, float32 matmuls: for this small model neither two data-parallel processes
-  # (--config.mesh.cpu_processes=0: one per core) nor bf16 matmuls (model.matmul_dtype=bfloat16)
-  # was faster on the 2-core EPYC (43-47 ms/step either way, issue 12 in benchmarks/RESULTS.md);
-  # both help the 6-layer 384-wide variant (1,309 -> 1,076 ms/step), whose benchmark sets them.
+  # One process, bf16 x bf16 -> float32 matmuls (model.matmul_dtype; activations, norms and
+  # softmax stay float32): 42.3 vs 48.3 ms/step with float32 matmuls, faster in each of 3 quiet
+  # interleaved rounds, validation loss at step 2000 unchanged (issue 12, benchmarks/RESULTS.md).
+  # Two data-parallel processes (--config.mesh.cpu_processes=0) or two in-process devices
+  # (--config.mesh.cpu_devices=2) were slower for this small model (54-58 ms/step); the 6-layer
+  # 384-wide variant's benchmark uses two processes.
   # nanoGPT: lr 1e-3 -> 1e-4 (cosine) over 2000 iterations after 100 warmup, AdamW betas 0.9/0.99,
   # weight decay 0.1 on every matrix (embeddings included), clip 1.0.
   c.optim.update(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1,

@@ -4,9 +4,15 @@ One XLA CPU device runs a small model's step mostly on one core. Splitting the h
 device per core and sharding the batch over them (the `mesh.data` axis) runs the halves of the
 batch concurrently, through the same SPMD data-parallel path that multi-GPU runs use.
 
-It is NOT the default: with jax/jaxlib 0.10.2 on a 2-core host, the gradient all-reduce between
-two in-process CPU devices deadlocked ("Termination timeout for all reduce ... exceeded", then an
-abort) on nanoGPT's shakespeare_char model in most runs (benchmarks/RESULTS.md). Use it knowingly.
+The in-process all-reduce deadlock, and its fix (issue 12): XLA:CPU runs an all-reduce thunk on a
+worker thread of the client's intra-op pool and blocks that thread until every device's thunk has
+arrived at the rendezvous. The pool has one thread per core (PJRT_NPROC / NPROC override it), so
+with N devices on fewer than 2N threads a device can wait forever for a thread to reach its own
+all-reduce: "Termination timeout for all reduce ... only 1 of them arrived", then an abort. With
+jax/jaxlib 0.10.2 on the 2-core host a 2-device psum after a chain of matmuls deadlocked in every
+run with 2 or 3 threads and never with 4, 5 or 8; 3 devices needed 6 (benchmarks/RESULTS.md).
+So with N > 1 devices `configure_cpu_devices` sizes the pool at max(cores, 2N) threads unless
+PJRT_NPROC or NPROC is set. It stays NOT the default: it does not make the steps faster here.
 
 `mesh.cpu_devices`:
   1 (default): a single CPU device (XLA's own default).
@@ -25,6 +31,23 @@ import os
 
 MAX_AUTO_DEVICES = 8
 _XLA_FLAG = "xla_force_host_platform_device_count"
+# Read by the XLA:CPU client when it is created: the size of its thread pools.
+POOL_ENVS = ("PJRT_NPROC", "NPROC")
+
+
+def pool_threads(devices: int, cores: int | None = None) -> int:
+  """Threads the CPU client needs so that `devices` in-process devices cannot starve one
+  another's all-reduce (see the module docstring): two per device, at least one per core."""
+  return max(cores or host_cores(), 2 * devices)
+
+
+def size_thread_pool(devices: int, env=os.environ) -> int | None:
+  """Sets PJRT_NPROC for `devices` > 1 unless the user set PJRT_NPROC/NPROC; returns the size
+  set, or None."""
+  if devices <= 1 or any(env.get(k, "").strip() for k in POOL_ENVS):
+    return None
+  env["PJRT_NPROC"] = str(pool_threads(devices))
+  return int(env["PJRT_NPROC"])
 
 
 def host_cores() -> int:
@@ -68,4 +91,5 @@ def configure_cpu_devices(config) -> int | None:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # a backend is already up (e.g. called twice in one process)
     return None
+  size_thread_pool(n)  # before the client exists: it reads the size once
   return n

@@ -1,7 +1,8 @@
 """Data parallelism over the cores of one CPU host as separate processes (`mesh.cpu_processes`).
 
 One XLA CPU device runs a small model's step mostly on one core, and two in-process CPU devices
-deadlocked in their gradient all-reduce (benchmarks/RESULTS.md). So, like `torchrun
+deadlocked in their gradient all-reduce until llmjax/cpu_devices.py sized XLA's thread pool for
+them (benchmarks/RESULTS.md). So, like `torchrun
 --nproc_per_node`, `python -m llmjax.main` re-launches itself as N local processes joined by
 `jax.distributed` on 127.0.0.1 (CPU collectives over gloo), each with a single-threaded XLA
 runtime (--xla_cpu_multi_thread_eigen=false), each taking its rows of every batch. The OS places

@@ -17,6 +17,8 @@ TRAIN = ["-m", "llmjax.main", "--config=experiments/shakespeare_char.py",
          "--config.data.tokenizer=byte", "--config.model.num_layers=2", "--config.model.embed_dim=64",
          "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.train.steps=5",
          "--config.train.grad_accum_steps=1",
+         # float32 matmuls: the layouts are compared at rtol 1e-5, beyond bf16 operand rounding
+         "--config.model.matmul_dtype=compute",
          "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.eval_batches=2",
          "--config.train.sample_tokens=0", "--config.train.tensorboard=False",
          "--config.train.progress=False", "--config.train.checkpoint_every=0",
