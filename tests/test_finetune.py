@@ -10,7 +10,7 @@ import pytest
 
 from llmjax import checkpoint as ckpt
 from llmjax import config as cfglib
-from llmjax.loop import parse_init_from
+from llmjax.run import parse_init_from
 
 from conftest import ROOT, run_cli
 
