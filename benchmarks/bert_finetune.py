@@ -121,6 +121,14 @@ def unigram_baseline(workdir: Path) -> dict:
   return {"token": tokenizer.id_to_token(top), "accuracy": hits / total, "masked_tokens": total}
 
 
+def from_random_weights(c, pretrained: Path) -> None:
+  """The scratch arm: the fine-tuning config `c` keeps the pretrained run's architecture and
+  tokenizer but starts from random weights."""
+  c.train.init_from = ""
+  c.data.update(tokenizer="sentencepiece", tokenizer_path=str(pretrained / "tokenizer.model"),
+                special_tokens=SPECIALS)
+
+
 def classify(workdir: Path, task: Path, pretrained: Path, seed: int, steps: int,
              from_scratch: bool, lr: float, batch_size: int, split: str) -> dict:
   """Fine-tunes (or trains from scratch) on task/train.jsonl; scores task/<split>.jsonl."""
@@ -132,10 +140,8 @@ def classify(workdir: Path, task: Path, pretrained: Path, seed: int, steps: int,
   c.optim.update(lr=lr, warmup_steps=10, schedule="linear", min_lr_ratio=0.0)
   c.train.update(objective="classification", epochs=0, steps=steps, eval_every=0, seed=seed,
                  keep_best="", progress=False, tensorboard=False, log_every=50)
-  if from_scratch:  # same architecture and tokenizer, random weights
-    c.train.init_from = ""
-    c.data.update(tokenizer="sentencepiece",
-                  tokenizer_path=str(pretrained / "tokenizer.model"), special_tokens=SPECIALS)
+  if from_scratch:
+    from_random_weights(c, pretrained)
   cfglib.validate(c, 1)
   t0 = time.perf_counter()
   result = loop.train(c, str(workdir))

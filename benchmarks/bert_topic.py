@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from bert_finetune import (ARMS, SPECIALS, load_experiment, summarize_arms, unigram_baseline,  # noqa: E402
-                           write_report)
+from bert_finetune import (ARMS, from_random_weights, load_experiment,  # noqa: E402
+                           summarize_arms, unigram_baseline, write_report)
 from finetune_classify import (sklearn_baselines, topic_sets,  # noqa: E402
                                write_jsonl, write_pretraining_corpus)
 
@@ -114,10 +114,8 @@ def finetune(workdir: Path, task: Path, pretrained: Path, seed: int, lr: float, 
   c.train.update(objective="classification", epochs=0, steps=args.finetune_steps,
                  eval_every=args.eval_every, keep_best="val/accuracy", seed=seed,
                  progress=False, tensorboard=False, log_every=50)
-  if from_scratch:  # same architecture and tokenizer, random weights
-    c.train.init_from = ""
-    c.data.update(tokenizer="sentencepiece",
-                  tokenizer_path=str(pretrained / "tokenizer.model"), special_tokens=SPECIALS)
+  if from_scratch:
+    from_random_weights(c, pretrained)
   cfglib.validate(c, 1)
   t0 = time.perf_counter()
   loop.train(c, str(workdir))
