@@ -239,8 +239,8 @@ def main() -> None:
   base = str(tmp / "base")
   if not (Path(base) / "checkpoints").exists():
     loop.train(base_config_from_args(args), base)
-  elif base_shape_mismatch(base, args):
-    p.error(base_shape_mismatch(base, args))
+  elif mismatch := base_shape_mismatch(base, args):
+    p.error(mismatch)
   result["pretrain_s"] = time.perf_counter() - t0
   result["base_exact_match"] = exact_match(base, paths["test"])
   print(f"base model: exact match {result['base_exact_match']:.3f} on {len(test)} held-out sums",

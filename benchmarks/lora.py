@@ -199,8 +199,8 @@ def main() -> None:
     t0 = time.perf_counter()
     result["pretrain_final"] = loop.train(base_config_from_args(args), base)
     result["pretrain_s"] = time.perf_counter() - t0
-  elif base_shape_mismatch(base, args):
-    p.error(base_shape_mismatch(base, args))
+  elif mismatch := base_shape_mismatch(base, args):
+    p.error(mismatch)
   loaded = runs.load_run(base)
   programs = {}
   for name in (names if "full" in names else ["full", *names]):  # memory is relative to full
