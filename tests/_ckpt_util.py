@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import ROOT, run_cli
+from conftest import JAX_CACHE_ENV, ROOT, run_cli
 
 TINY = [
     "--config=experiments/shakespeare_char.py",
@@ -26,12 +26,10 @@ TINY = [
 ]
 # Values that must match bit for bit between an interrupted and an uninterrupted run.
 EXACT_METRICS = ("loss", "grad_norm", "lr", "nonfinite_skipped", "nonfinite_streak")
-CACHE = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", "/tmp/llmjax-test-jax-cache"))
 
 
 def env(extra=None) -> dict:
-  out = {"JAX_COMPILATION_CACHE_DIR": str(CACHE), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+  out = dict(JAX_CACHE_ENV)  # conftest sets these for the whole run; kept explicit for the resume tests
   out.update(extra or {})
   return out
 
