@@ -19,8 +19,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # CLI subprocess they start (they inherit os.environ): a resumed run, `generate` after `main`, and
 # the many tests that build the same tiny programs then compile each program once. On the CLI-heavy
 # modules (test_lora, test_resume, test_train_cli, test_seq2seq; one process, load ~6) it cut CPU
-# time from 539 to 433 s, starting from an empty cache as CI does. Entries are keyed by the jax version, backend, flags and
-# the program, so reusing the directory across runs is safe; LLMJAX_TEST_JAX_CACHE moves it.
+# time from 539 to 433 s, starting from an empty cache as CI does. Entries are keyed by the jax
+# version, backend, flags and the program, so reusing the directory across runs is safe;
+# LLMJAX_TEST_JAX_CACHE moves it.
 JAX_CACHE = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", "/tmp/llmjax-test-jax-cache"))
 JAX_CACHE_ENV = {
     "JAX_COMPILATION_CACHE_DIR": str(JAX_CACHE),
