@@ -66,12 +66,13 @@ def test_bf16_matmul_t_is_the_product_with_the_transpose_and_its_gradients():
     assert float(jnp.max(jnp.abs(g - e)) / jnp.max(jnp.abs(e))) < 2e-2
 
 
-@pytest.mark.parametrize("tie,scan", [(True, False), (False, True)])
-def test_bf16_matmul_model_trains_like_float32(tie, scan):
-  # tied (a bf16_matmul_t head) and untied, unrolled and scanned layers: compiled, every dot of
-  # the backward must run (XLA:CPU rejects some bf16 dot forms at run time)
+@pytest.mark.parametrize("tie,scan,kv_heads", [(True, False, 0), (False, True, 2)])
+def test_bf16_matmul_model_trains_like_float32(tie, scan, kv_heads):
+  # tied (a bf16_matmul_t head) and untied, unrolled and scanned layers, multi-head and
+  # grouped-query bf16 attention (llmjax.model.bf16_attention): compiled, so every dot of the
+  # backward must run (XLA:CPU rejects some bf16 dot forms at run time)
   cfg = TransformerConfig(vocab_size=65, num_layers=2, embed_dim=64, num_heads=4, max_seq_len=32,
-                          tie_embeddings=tie, scan_layers=scan)
+                          tie_embeddings=tie, scan_layers=scan, num_kv_heads=kv_heads)
   fast = dataclasses.replace(cfg, matmul_dtype="bfloat16")
   params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((2, 32), jnp.int32))
                          ["params"])

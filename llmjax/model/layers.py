@@ -64,8 +64,8 @@ def _bf16_dot(a, b, contract=(1, 0)):
                              preferred_element_type=jnp.float32)
 
 
-def _materialized_transpose(a):
-  """a.T as a real copy the dot reads row by row, on CPU.
+def materialized_transpose(a):
+  """a with its last two axes swapped, as a real copy the dot reads row by row, on CPU.
 
   XLA folds a plain transpose into the dot that reads it, and XLA:CPU (jaxlib 0.10) then runs
   a dot that contracts the lhs's first axis (the weight gradient x.T @ g) in float32 through
@@ -74,9 +74,10 @@ def _materialized_transpose(a):
   swapaxes -> reshape is not folded, so the dot keeps bf16 operands and runs in YNNPACK. Other
   backends contract any axis natively: there the plain transpose stays."""
   if jax.default_backend() != "cpu":
-    return a.T
-  rows, cols = a.shape
-  return jnp.swapaxes(a.reshape(rows, cols, 1), 0, 2).reshape(cols, rows)
+    return jnp.swapaxes(a, -1, -2)
+  *lead, rows, cols = a.shape
+  n = len(lead)
+  return jnp.swapaxes(a.reshape(*lead, rows, cols, 1), n, n + 2).reshape(*lead, cols, rows)
 
 
 def _bf16_matmul_fwd(x, w):
@@ -89,9 +90,9 @@ def _bf16_matmul_bwd(saved, g):
   gb = g.astype(jnp.bfloat16)
   # dx = g @ w.T as a dot contracting both operands' last axes (kept in bf16 by XLA:CPU; a
   # transpose op in front of the dot made it fall back to float32 operands); dw = x.T @ g with
-  # x.T materialized (see _materialized_transpose).
+  # x.T materialized (see materialized_transpose).
   dx = _bf16_dot(gb, wb, contract=(1, 1))
-  dw = _bf16_dot(_materialized_transpose(xb), gb)
+  dw = _bf16_dot(materialized_transpose(xb), gb)
   return dx.astype(g.dtype), dw.astype(g.dtype)
 
 
@@ -117,7 +118,7 @@ def _bf16_matmul_t_bwd(saved, g):
   xb, wb = saved
   gb = g.astype(jnp.bfloat16)
   dx = _bf16_dot(gb, wb)                               # g @ w
-  dw = _bf16_dot(_materialized_transpose(gb), xb)      # g.T @ x: [out, in] like w
+  dw = _bf16_dot(materialized_transpose(gb), xb)      # g.T @ x: [out, in] like w
   return dx.astype(g.dtype), dw.astype(g.dtype)
 
 
