@@ -60,3 +60,12 @@ def test_only_bf16_matmul_models_on_the_xla_path_use_it():
                                                   "attention_impl": "xla"}))
   assert not uses_bf16_attention(TransformerConfig(**{**cfg.__dict__, "matmul_dtype": "bfloat16",
                                                       "attention_impl": "cudnn"}))
+
+
+def test_shakespeare_char_trains_with_bf16_matmuls_and_bf16_attention():
+  # issue 12: the experiment's default (benchmarks/RESULTS.md, session 5)
+  from experiments import shakespeare_char
+  from llmjax import config as cfglib
+  cfg = cfglib.model_config(shakespeare_char.get_config(), vocab_size=65)
+  assert cfg.matmul_dtype == "bfloat16"
+  assert uses_bf16_attention(cfg) or jax.default_backend() != "cpu"
