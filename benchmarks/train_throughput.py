@@ -52,10 +52,12 @@ CONFIGS = {
     "cpu_6l384": ("experiments/shakespeare_char.py",
                   {"model.num_layers": 6, "model.num_heads": 6, "model.embed_dim": 384,
                    "model.max_seq_len": 256, "data.seq_len": 256, "data.batch_size": 8,
-                   "train.grad_accum_steps": 1,
-                   # the fastest settings measured for this shape (issue 12, RESULTS.md): one
-                   # process per core and bf16 x bf16 -> f32 matmuls (val loss unchanged)
-                   "mesh.cpu_processes": 0, "model.matmul_dtype": "bfloat16"}, 5),
+                   # the fastest settings measured for this shape (issue 12, RESULTS.md,
+                   # session 5): bf16 x bf16 -> f32 matmuls and attention (val loss unchanged),
+                   # one process, each batch of 8 as 4 micro-batches of 2 (619 ms/step against
+                   # 713-735 for two processes of 4 or 2x2 rows, quiet, 3 interleaved rounds)
+                   "train.grad_accum_steps": 4, "mesh.cpu_processes": 1,
+                   "model.matmul_dtype": "bfloat16"}, 5),
     # --tiny: a 2-layer model, a few steps; checks the plumbing in seconds.
     "tiny": ("experiments/shakespeare_char.py",
              {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2}, 4),

@@ -18,9 +18,12 @@ def get_config():
   # One process, bf16 x bf16 -> float32 matmuls (model.matmul_dtype; activations, norms and
   # softmax stay float32): 42.3 vs 48.3 ms/step with float32 matmuls, faster in each of 3 quiet
   # interleaved rounds, validation loss at step 2000 unchanged (issue 12, benchmarks/RESULTS.md).
+  # Since session 5 this also covers the backward's dots (before, XLA:CPU ran them as float32
+  # Eigen dots) and attention's batched dots (llmjax.model.bf16_attention): 30% less CPU time
+  # per step, validation loss at step 2000 1.8984 (unchanged).
   # Two data-parallel processes (--config.mesh.cpu_processes=0) or two in-process devices
-  # (--config.mesh.cpu_devices=2) were slower for this small model (54-58 ms/step); the 6-layer
-  # 384-wide variant's benchmark uses two processes.
+  # (--config.mesh.cpu_devices=2) were slower for this small model (54-58 ms/step), and since
+  # session 5 also for the 6-layer 384-wide variant (its benchmark: one process, 4 micro-batches of 2).
   # nanoGPT: lr 1e-3 -> 1e-4 (cosine) over 2000 iterations after 100 warmup, AdamW betas 0.9/0.99,
   # weight decay 0.1 on every matrix (embeddings included), clip 1.0.
   c.optim.update(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1,

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llmjax.model.bf16_attention import bf16_attention
 from llmjax.model.config import TransformerConfig
 from llmjax.model.layers import DenseGeneral, apply_rotary, constrain, relative_bias
 
@@ -31,6 +32,31 @@ def attention_implementation(cfg: TransformerConfig) -> str | None:
   if jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16"):
     return "cudnn"
   return "xla"
+
+
+def uses_bf16_attention(cfg: TransformerConfig) -> bool:
+  """Whether training-time self-attention (no padding mask or score bias) runs as
+  llmjax.model.bf16_attention: bf16 matmuls were asked for (model.matmul_dtype) and the
+  attention takes XLA's path (not cuDNN's fused kernel, which has its own precision)."""
+  return cfg.matmul_dtype == "bfloat16" and attention_implementation(cfg) == "xla"
+
+
+def _bf16_self_attention(cfg: TransformerConfig, q, k, v):
+  """q: [batch, length, heads, head_dim], k and v with kv_heads; same layout out."""
+  groups = cfg.num_heads // cfg.kv_heads
+  if groups > 1:  # grouped-query: each key/value head serves `groups` query heads
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  out = bf16_attention(_swap_length_heads(q), _swap_length_heads(k), _swap_length_heads(v),
+                       score_scale(cfg), cfg.causal)
+  return _swap_length_heads(out)
+
+
+def _swap_length_heads(x):
+  """[b, t, h, d] <-> [b, h, t, d] as a copy. Written through a unit axis because XLA folds a
+  plain transpose into the batched dots that read it, and XLA:CPU then runs them with float32
+  operands (see layers.materialized_transpose)."""
+  b, t, h, d = x.shape
+  return x.reshape(b, t, h, d, 1).transpose(0, 2, 4, 1, 3).reshape(b, h, t, d)
 
 
 class Attention(nn.Module):
@@ -73,9 +99,12 @@ class Attention(nn.Module):
       if relative_table is not None:
         bias = relative_bias(relative_table, positions, positions, not cfg.causal,
                              cfg.relative_max_distance).astype(q.dtype)
-      out = jax.nn.dot_product_attention(
-          q, k, v, bias=bias, mask=mask, is_causal=cfg.causal, scale=score_scale(cfg),
-          implementation=attention_implementation(cfg))
+      if mask is None and bias is None and uses_bf16_attention(cfg):
+        out = _bf16_self_attention(cfg, q, k, v)
+      else:
+        out = jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, is_causal=cfg.causal, scale=score_scale(cfg),
+            implementation=attention_implementation(cfg))
     out = constrain(out, ("batch", "length", "heads", "kv"))
     y = DenseGeneral(cfg, (cfg.embed_dim,), ("heads", "kv", "embed"), in_axes=2,
                      use_bias=cfg.use_bias, std=out_std, name="out")(out)

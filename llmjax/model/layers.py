@@ -57,9 +57,27 @@ def bf16_matmul(x, w):
   return _bf16_dot(x, w).astype(x.dtype)
 
 
-def _bf16_dot(a, b):
-  return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                 preferred_element_type=jnp.float32)
+def _bf16_dot(a, b, contract=(1, 0)):
+  """a @ b (contract=(1, 0)) or a @ b.T (contract=(1, 1)), bf16 operands, float32 accumulation."""
+  return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                             (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def materialized_transpose(a):
+  """a with its last two axes swapped, as a real copy the dot reads row by row, on CPU.
+
+  XLA folds a plain transpose into the dot that reads it, and XLA:CPU (jaxlib 0.10) then runs
+  a dot that contracts the lhs's first axis (the weight gradient x.T @ g) in float32 through
+  Eigen: it converts both bf16 operands to float32, at about half the speed of the bf16 dot
+  (benchmarks/RESULTS.md, issue 12, session 5). The same transpose written as reshape ->
+  swapaxes -> reshape is not folded, so the dot keeps bf16 operands and runs in YNNPACK. Other
+  backends contract any axis natively: there the plain transpose stays."""
+  if jax.default_backend() != "cpu":
+    return jnp.swapaxes(a, -1, -2)
+  *lead, rows, cols = a.shape
+  n = len(lead)
+  return jnp.swapaxes(a.reshape(*lead, rows, cols, 1), n, n + 2).reshape(*lead, cols, rows)
 
 
 def _bf16_matmul_fwd(x, w):
@@ -70,17 +88,49 @@ def _bf16_matmul_fwd(x, w):
 def _bf16_matmul_bwd(saved, g):
   xb, wb = saved
   gb = g.astype(jnp.bfloat16)
-  return _bf16_dot(gb, wb.T).astype(g.dtype), _bf16_dot(xb.T, gb).astype(g.dtype)
+  # dx = g @ w.T as a dot contracting both operands' last axes (kept in bf16 by XLA:CPU; a
+  # transpose op in front of the dot made it fall back to float32 operands); dw = x.T @ g with
+  # x.T materialized (see materialized_transpose).
+  dx = _bf16_dot(gb, wb, contract=(1, 1))
+  dw = _bf16_dot(materialized_transpose(xb), gb)
+  return dx.astype(g.dtype), dw.astype(g.dtype)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def matmul(cfg: TransformerConfig, x, w):
-  """A 2-D matmul as the config asks (see TransformerConfig.matmul_dtype)."""
+@jax.custom_vjp
+def bf16_matmul_t(x, w):
+  """x @ w.T (w: [out, in], e.g. a tied embedding table used as the output head) as bf16_matmul
+  does x @ w. A separate function rather than bf16_matmul(x, w.T): XLA folds that transpose
+  into the gradient dot, and on CPU the resulting bf16 dot contracting both operands' first
+  axes reaches an Eigen kernel that rejects bf16 ("Unsupported element type for
+  DotThunk::Execute")."""
+  return _bf16_dot(x, w, contract=(1, 1)).astype(x.dtype)
+
+
+def _bf16_matmul_t_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return _bf16_dot(xb, wb, contract=(1, 1)).astype(x.dtype), (xb, wb)
+
+
+def _bf16_matmul_t_bwd(saved, g):
+  xb, wb = saved
+  gb = g.astype(jnp.bfloat16)
+  dx = _bf16_dot(gb, wb)                               # g @ w
+  dw = _bf16_dot(materialized_transpose(gb), xb)      # g.T @ x: [out, in] like w
+  return dx.astype(g.dtype), dw.astype(g.dtype)
+
+
+bf16_matmul_t.defvjp(_bf16_matmul_t_fwd, _bf16_matmul_t_bwd)
+
+
+def matmul(cfg: TransformerConfig, x, w, transpose_w: bool = False):
+  """A 2-D matmul x @ w (x @ w.T with transpose_w) as the config asks (see
+  TransformerConfig.matmul_dtype)."""
   if cfg.matmul_dtype == "bfloat16":
-    return bf16_matmul(x, w.astype(x.dtype))
-  return jnp.dot(x, w)
+    return (bf16_matmul_t if transpose_w else bf16_matmul)(x, w.astype(x.dtype))
+  return jnp.dot(x, w.T if transpose_w else w)
 
 
 class DenseGeneral(nn.Module):

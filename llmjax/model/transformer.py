@@ -97,7 +97,8 @@ class Transformer(nn.Module):
       if cfg.matmul_dtype == "compute":
         logits = jnp.einsum("btd,vd->btv", x, table)
       else:
-        logits = matmul(cfg, x.reshape(batch * length, -1), table.T).reshape(batch, length, -1)
+        logits = matmul(cfg, x.reshape(batch * length, -1), table,
+                        transpose_w=True).reshape(batch, length, -1)
     else:
       logits = DenseGeneral(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x)
     logits = constrain(logits, ("batch", "length", "vocab"))
