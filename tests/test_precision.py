@@ -1,17 +1,15 @@
 """model.matmul_dtype='bfloat16': bf16 x bf16 matmuls with float32 accumulation, forward and
 backward, in a float32 model."""
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from llmjax.model import Transformer, TransformerConfig
-import re
-
 import pytest
 
+from llmjax.model import Transformer, TransformerConfig
 from llmjax.model.layers import bf16_matmul, bf16_matmul_t
 
 
