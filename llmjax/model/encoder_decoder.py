@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from llmjax.model.attention import Attention, CrossAttention
