@@ -31,8 +31,9 @@ JAX_CACHE_ENV = {
 }
 for _name, _value in JAX_CACHE_ENV.items():
   os.environ.setdefault(_name, _value)
-# experiments/shakespeare_char.py trains as one process per core (mesh.cpu_processes=0, issue 12);
-# the suite's many short CLI runs stay single-process (tests/test_cpu_processes.py covers the rest)
+# The suite's many short CLI runs stay single-process even where a config or a user's
+# environment asks for one process per core (mesh.cpu_processes=0; tests/test_cpu_processes.py
+# covers that path)
 os.environ.setdefault("LLMJAX_CPU_PROCESSES", "1")
 
 
