@@ -47,10 +47,11 @@ def test_dpo_loss_matches_a_direct_computation():
   config = cfglib.default_config()
   config.train.dpo_beta = 0.5
   objective = DPO(config, CFG)
-  loss, aux = objective.loss(model, params, batch, jax.random.key(0), True)
+  # every model call below is jitted: eager, each dispatches op by op (~20 s on a CPU in all)
+  loss, aux = jax.jit(lambda p: objective.loss(model, p, batch, jax.random.key(0), True))(params)
 
   def logp(apply_params, side, module):
-    logits = np.asarray(module.apply({"params": apply_params}, batch[f"{side}_inputs"][:1]))
+    logits = np.asarray(jax.jit(module.apply)({"params": apply_params}, batch[f"{side}_inputs"][:1]))
     lp = _log_softmax(logits[0].astype(np.float64))
     t = batch[f"{side}_targets"][0]
     return float(np.sum(lp[np.arange(len(t)), t] * batch[f"{side}_weights"][0]))
@@ -66,18 +67,18 @@ def test_dpo_loss_matches_a_direct_computation():
   np.testing.assert_allclose(float(aux["logp_rejected"]), pr, rtol=1e-5)
   assert float(aux["accuracy"]) == float(margin > 0) and float(aux["weight"]) == 1.0
   # gradients reach the adapters only through the policy; the base (reference) has none
-  grads = jax.grad(lambda a: objective.loss(model, loralib.combine(base, a), batch,
-                                             jax.random.key(0), True)[0])(adapter)
+  grads = jax.jit(jax.grad(lambda a: objective.loss(model, loralib.combine(base, a), batch,
+                                                     jax.random.key(0), True)[0]))(adapter)
   assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(
       {k: v for k, v in _flat(grads).items() if k.endswith("lora_b")}))
   # eval sums over the batch, finalized on the host, agree with the loss
-  sums = jax.device_get(objective.eval_sums(model, params, batch, jax.random.key(0)))
+  sums = jax.device_get(jax.jit(lambda p: objective.eval_sums(model, p, batch, jax.random.key(0)))(params))
   final = objective.finalize({k: float(v) for k, v in sums.items()})
   np.testing.assert_allclose(final["loss"], want, rtol=1e-5)
   assert final["pairs"] == 1.0
   # RPO: + alpha * the chosen response's mean NLL (3 response tokens here)
   config.train.dpo_rpo_alpha = 0.5
-  rpo, _ = DPO(config, CFG).loss(model, params, batch, jax.random.key(0), True)
+  rpo, _ = jax.jit(lambda p: DPO(config, CFG).loss(model, p, batch, jax.random.key(0), True))(params)
   np.testing.assert_allclose(float(rpo), want + 0.5 * (-pc / 3), rtol=1e-5)
 
 
