@@ -45,11 +45,8 @@ SPECIALS = "[PAD],[UNK],[CLS],[SEP],[MASK]"
 
 def load_experiment(name: str, argument: str = ""):
   """experiments/<name>.py's get_config(argument)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(argument)
+  from llmjax.experiment import load_config
+  return load_config(name, argument)
 
 
 def make_task(out: Path, n_train: int = 200, n_val: int = 200, n_test: int = 600,

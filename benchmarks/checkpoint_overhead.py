@@ -24,12 +24,8 @@ from llmjax import sharding as shd  # noqa: E402
 
 
 def _config(overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("exp", Path(__file__).resolve().parents[1] /
-                                                "experiments" / "shakespeare_char.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llmjax.experiment import load_config
+  config = load_config("shakespeare_char")
   for item in overrides:
     key, value = item.split("=", 1)
     node = config

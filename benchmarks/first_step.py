@@ -131,14 +131,11 @@ def host_time_in_training(data_path: str, env, steps: int) -> dict:
 def gpt2_small_host_rate(data_path: str, batches: int = 40) -> dict:
   """Host time to assemble GPT-2 small batches (32 x 1024 windows) from the prepared corpus, vs the
   tokens/s an H100 could consume at 100% of its bf16 peak."""
-  import importlib.util
   from llmjax import config as cfglib
   from llmjax import metrics as mlib
   from llmjax.data import load_dataset
-  spec = importlib.util.spec_from_file_location("gpt_small", ROOT / "experiments" / "gpt_small.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llmjax.experiment import load_config
+  config = load_config("gpt_small")
   config.data.update(path=data_path, tokenizer="byte")
   ds = load_dataset(config.data, seed=0)
   b, t = config.data.batch_size, config.data.seq_len

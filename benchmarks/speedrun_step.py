@@ -38,12 +38,8 @@ DEFAULT_VARIANTS = [  # overrides of the recipe (bf16 Newton-Schulz, 3 micro-bat
 
 
 def recipe():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("speedrun",
-                                                ROOT / "experiments" / "shakespeare_speedrun.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llmjax.experiment import load_config
+  config = load_config("shakespeare_speedrun")
   config.data.path = str(SHAKESPEARE) if SHAKESPEARE.exists() else ""
   return config
 

@@ -46,11 +46,8 @@ def main():
   parser.add_argument("--hlo", action="store_true", help="print the op histogram of the step")
   args = parser.parse_args()
 
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("experiment", ROOT / args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llmjax.experiment import load_config
+  config = load_config(ROOT / args.config)
   config.data.path = str(SHAKESPEARE) if SHAKESPEARE.exists() else ""
   for item in args.set:
     key, _, value = item.partition("=")

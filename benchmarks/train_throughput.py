@@ -83,13 +83,10 @@ def worker(spec: dict) -> dict:
   from llmjax.cpu_devices import configure_cpu_devices
   from llmjax import loop
   from llmjax import metrics as mlib
-  import importlib.util
+  from llmjax.experiment import load_config
 
   experiment, overrides, log_every = CONFIGS[spec["config"]]
-  module_spec = importlib.util.spec_from_file_location("experiment", ROOT / experiment)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config(ROOT / experiment)
   flat = dict(overrides)
   for key, value in spec.get("overrides", {}).items():
     if key.startswith("env."):  # env.XLA_FLAGS=... : an environment variable for this worker

@@ -50,13 +50,9 @@ def dot_operand_types(hlo_text: str) -> collections.Counter:
 
 
 def train_step_dots(overrides: dict) -> dict:
-  import importlib.util
   from llmjax import config as cfglib, loop
-  spec = importlib.util.spec_from_file_location("experiment",
-                                                ROOT / "experiments" / "shakespeare_char.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llmjax.experiment import load_config
+  config = load_config("shakespeare_char")
   config.data.path = str(SHAKESPEARE) if SHAKESPEARE.exists() else ""
   config.mesh.cpu_processes = 1
   for key, value in overrides.items():

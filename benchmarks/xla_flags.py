@@ -16,7 +16,6 @@ Configs: the names of benchmarks/train_throughput.py's CONFIGS, or `speedrun`
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -44,15 +43,13 @@ DEFAULT_FLAGS = [
 
 def load_config(name: str):
   import train_throughput as tt
+  from llmjax.experiment import load_config as load_experiment
   if name == "speedrun":
     path, overrides = ROOT / "experiments" / "shakespeare_speedrun.py", {}
   else:
     experiment, overrides, _ = tt.CONFIGS[name]
     path = ROOT / experiment
-  spec = importlib.util.spec_from_file_location("experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_experiment(path)
   for key, value in overrides.items():
     section, field = key.split(".", 1)
     config[section][field] = value

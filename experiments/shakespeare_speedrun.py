@@ -34,12 +34,8 @@ STEPS = 380  # one seed (0), val loss over 200 x 12 windows, the recipe below: 3
 
 
 def get_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("shakespeare_char",
-                                                Path(__file__).with_name("shakespeare_char.py"))
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config()
+  from llmjax.experiment import load_config
+  c = load_config(Path(__file__).with_name("shakespeare_char.py"))
   # Same model as nanoGPT's; what changes is how it is trained.
   c.model.update(matmul_dtype="bfloat16")   # bf16 x bf16 -> f32 matmuls (AVX-512 BF16)
   # One process: Muon's Newton-Schulz update is replicated work that data-parallel processes

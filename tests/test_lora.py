@@ -3,7 +3,6 @@
 Tiny char-level models on the embedded corpus, trained in process. A base run is trained once per
 module; LoRA runs start from it with train.init_from.
 """
-import importlib.util
 import json
 import shutil
 
@@ -13,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from llmjax import checkpoint as ckpt
+from llmjax import experiment
 from llmjax import config as cfglib
 from llmjax import loop, quantize, runs, sharding as shd
 from llmjax import program as programlib
@@ -22,9 +22,7 @@ from llmjax.generate import generate
 from llmjax.model import Transformer, TransformerConfig
 from llmjax.model import lora as loralib
 
-_spec = importlib.util.spec_from_file_location("exp", ROOT / "experiments" / "shakespeare_char.py")
-_exp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_exp)
+_exp = experiment.load_module("shakespeare_char")
 
 
 def tiny(**fields):

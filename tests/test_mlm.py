@@ -245,14 +245,10 @@ def test_bert_small_tiny_trains_resumes_exactly_and_fills_masks(tmp_path):
   resumption (masks come from (seed, step)), and fill-mask on the trained run."""
   import json
 
-  import importlib.util
-
-  from conftest import ROOT, run_cli
+  from conftest import run_cli
   from llmjax import loop
-  spec = importlib.util.spec_from_file_location("bert_small", ROOT / "experiments" / "bert_small.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  from llmjax.experiment import load_config
+  c = load_config("bert_small", "tiny")
   c.train.update(progress=False, tensorboard=False, steps=6, checkpoint_every=3, eval_every=3)
   cfglib.validate(c, 1)
   result = loop.train(c, str(tmp_path / "a"))

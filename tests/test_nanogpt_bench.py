@@ -51,12 +51,9 @@ def test_nanogpt_runs_from_a_temporary_copy(tmp_path):
 
 
 def test_speedrun_recipe_is_a_valid_config():
-  import importlib.util
   from llmjax import config as cfglib
-  spec = importlib.util.spec_from_file_location("speedrun", ROOT / "experiments" / "shakespeare_speedrun.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from llmjax.experiment import load_config
+  config = load_config("shakespeare_speedrun")
   cfglib.validate(config)
   assert config.optim.optimizer == "muon" and config.model.matmul_dtype == "bfloat16"
   assert config.train.eval_batches * config.data.batch_size == 200 * 12  # nanoGPT's eval windows

@@ -281,9 +281,8 @@ def partition_table(experiment: str) -> dict:
   from llmjax import train as trainlib
   from llmjax.model import Transformer
   from llmjax.optim import make_optimizer
-  sys.path.insert(0, str(ROOT))
-  import importlib
-  config = importlib.import_module(f"experiments.{experiment}").get_config()
+  from llmjax.experiment import load_config
+  config = load_config(experiment)
   rules = shd.logical_rules(config)
   model = Transformer(cfglib.model_config(config, planlib.default_vocab_size(config)))
   optimizer, _ = make_optimizer(config.optim, 10)

@@ -3,22 +3,18 @@
 The fast tests check the corpus (num2words pairs, train/val/test disjoint, test = held-out ranges
 of one hundred). The slow test trains the experiment as configured and requires BLEU >= 90 on
 the held-out numbers through `python -m llmjax.evaluate` (README shows its figures)."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
+from llmjax.experiment import load_module
 
 pytest.importorskip("num2words")
 
 
 def _experiment():
-  spec = importlib.util.spec_from_file_location("translate_numbers",
-                                                ROOT / "experiments" / "translate_numbers.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module("translate_numbers")
 
 
 def test_corpus_splits_are_disjoint_ranges(tmp_path):
