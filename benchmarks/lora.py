@@ -41,8 +41,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # issue 9's task, base and fine-tuning recipe, so LoRA and full fine-tuning are compared on the
 # very same examples, base and budget as benchmarks/finetune_addition.py measures
 from finetune_addition import (add_recipe_args, addition_sets,  # noqa: E402
-                               base_config_from_args, base_shape_mismatch, exact_match,
-                               finetune_config, run_figures, write_jsonl)
+                               base_config_from_args, base_shape_mismatch, digit_accuracy,
+                               exact_match, finetune_config, run_figures, write_jsonl)
 
 
 def variants(args) -> dict:
@@ -67,14 +67,34 @@ def variants(args) -> dict:
 def run_name(name: str, args) -> str:
   """The fine-tuning run's directory under --workdir. Full fine-tuning is finetune_addition.py's
   completion-loss run ("ft_completion", reused from a shared --workdir); another train.seed or
-  other adapter targets get their own directory, so a shared --workdir never reuses a run made
-  with different settings."""
+  other adapter targets get their own directory; a run found there with another recipe (budget,
+  learning rate, ...) is refused by reused_run_mismatch, never reused."""
   work = "ft_completion" if name == "full" else f"ft_{name}"
   if name != "full" and args.lora_targets != "all" and not name.endswith(("_qv", "_qve")):
     work += "_" + args.lora_targets.replace(",", "-")
   if args.train_seed is not None:
     work += f"_seed{args.train_seed}"
   return work
+
+
+# The fields a fine-tuning run's result depends on, beyond the directory's name (run_name):
+# a reused run must have been trained with exactly these, or its figure is another recipe's.
+RECIPE_FIELDS = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.min_lr_ratio",
+                 "train.steps", "train.seed", "data.batch_size", "data.seq_len", "data.train_on",
+                 "lora.rank", "lora.alpha", "lora.targets", "lora.base_dtype", "lora.lr_ratio")
+
+
+def reused_run_mismatch(work: str, wanted) -> str:
+  """'' when the run in `work` was trained with `wanted`'s recipe (RECIPE_FIELDS), else a
+  one-line reason naming the fields that differ: lora.py names its runs by variant and seed
+  only, so another budget or learning rate in the same --workdir would otherwise be reused."""
+  from llmjax import runs
+  have = runs.read_config(work)
+  get = lambda c, key: c[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
+  wrong = [f"{k}={get(have, k)!r} (flags ask {get(wanted, k)!r})" for k in RECIPE_FIELDS
+           if get(have, k) != get(wanted, k)]
+  return (f"the run in {work} was trained with {', '.join(wrong)}; use a fresh --workdir for "
+          "another recipe") if wrong else ""
 
 
 def lora_config(base: str, paths: dict, args, lora: dict | None, lr: float):
@@ -234,13 +254,19 @@ def main() -> None:
       work = str(tmp / run_name(name, args))
       t0 = time.perf_counter()
       reused = (Path(work) / "checkpoints").exists()
+      wanted = lora_config(base, paths, args, *table[name])
+      if reused and (mismatch := reused_run_mismatch(work, wanted)):
+        p.error(mismatch)
       if not reused:
-        loop.train(lora_config(base, paths, args, *table[name]), work)
+        loop.train(wanted, work)
       seconds = time.perf_counter() - t0
       em = exact_match(work, paths["test"])
       result.setdefault("quality", {})[name] = {
           "exact_match": em, "lr": table[name][1], "reused_run": reused,
           "finetune_s": None if reused else seconds, "load_after": os.getloadavg(),
+          # where a run stalls: teacher-forced accuracy of each answer digit on the validation
+          # sums (validation, not test: recipes are compared on it)
+          "val_digits": digit_accuracy(work, paths["val"], args.answer),
           **run_figures(work)}
       print(f"{name:12s} exact match {em:.3f} after {args.finetune_steps} steps", flush=True)
       save(result, args.out)  # after every variant: a stopped run keeps the ones it finished

@@ -96,3 +96,25 @@ def test_runs_with_other_seeds_or_targets_get_their_own_directories():
   assert lora_bench.run_name("qlora_r8", _args("--lora_targets=all,embedding",
                                                "--train_seed=1")) == (
       "ft_qlora_r8_all-embedding_seed1")
+
+
+def test_reused_run_of_another_recipe_is_named(tmp_path):
+  """Run directories are named by variant and seed only; a run of another budget, learning rate
+  or weight decay in the same --workdir is refused by name, not measured as this recipe's."""
+  base = _base_dir(tmp_path)
+  paths = {"train": "train.jsonl", "val": "val.jsonl"}
+  args = _args("--finetune_steps=800")
+  table = lora_bench.variants(args)
+  work = tmp_path / "ft_lora_r8"
+  work.mkdir()
+  (work / runs.CONFIG_FILE).write_text(cfglib.to_json(
+      lora_bench.lora_config(base, paths, args, *table["lora_r8"])))
+  same = lora_bench.lora_config(base, paths, _args("--finetune_steps=800"), *table["lora_r8"])
+  assert lora_bench.reused_run_mismatch(str(work), same) == ""
+  other = _args("--finetune_steps=1500", "--weight_decay=0.1")
+  why = lora_bench.reused_run_mismatch(str(work), lora_bench.lora_config(
+      base, paths, other, *lora_bench.variants(other)["lora_r8"]))
+  assert "train.steps=800 (flags ask 1500)" in why and "optim.weight_decay=0.0 (flags ask 0.1)" in why
+  assert "fresh --workdir" in why and "\n" not in why
+  full = lora_bench.lora_config(base, paths, args, *table["full"])  # no adapters: lora.rank 0
+  assert "lora.rank=8 (flags ask 0)" in lora_bench.reused_run_mismatch(str(work), full)
