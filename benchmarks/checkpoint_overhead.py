@@ -24,15 +24,8 @@ from llmjax import sharding as shd  # noqa: E402
 
 
 def _config(overrides):
-  from llmjax.experiment import load_config
-  config = load_config("shakespeare_char")
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = type(node[last])(value) if not isinstance(node[last], bool) else value == "True"
+  from llmjax.experiment import load_config, override
+  config = override(load_config("shakespeare_char"), overrides)
   config.train.progress = False
   return config
 

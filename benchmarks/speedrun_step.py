@@ -14,7 +14,6 @@ optax.contrib.muon instead of llmjax.muon (the unstacked float32 reference).
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import os
@@ -45,15 +44,9 @@ def recipe():
 
 
 def apply(config, overrides: str):
-  for item in filter(None, overrides.split(",")):
-    key, _, value = item.partition("=")
-    section, field = key.split(".", 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    config[section][field] = value
-  return config
+  """"section.field=value,..." set on the config (values as Python literals where they parse)."""
+  from llmjax.experiment import override
+  return override(config, filter(None, overrides.split(",")))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ part separately, medians over interleaved repeats, and counts the ops XLA compil
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import json
 import re
@@ -46,17 +45,10 @@ def main():
   parser.add_argument("--hlo", action="store_true", help="print the op histogram of the step")
   args = parser.parse_args()
 
-  from llmjax.experiment import load_config
+  from llmjax.experiment import load_config, override
   config = load_config(ROOT / args.config)
   config.data.path = str(SHAKESPEARE) if SHAKESPEARE.exists() else ""
-  for item in args.set:
-    key, _, value = item.partition("=")
-    section, field = key.split(".", 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    config[section][field] = value
+  override(config, args.set)
 
   from llmjax import config as cfglib
   from llmjax.cpu_devices import configure_cpu_devices
