@@ -47,7 +47,8 @@ def test_dpo_loss_matches_a_direct_computation():
   config = cfglib.default_config()
   config.train.dpo_beta = 0.5
   objective = DPO(config, CFG)
-  # every model call below is jitted: eager, each dispatches op by op (~20 s on a CPU in all)
+  # every model call below is jitted: one compilation each instead of one per eager op (from an
+  # empty compilation cache, as CI starts, that is the slower part on a CPU)
   loss, aux = jax.jit(lambda p: objective.loss(model, p, batch, jax.random.key(0), True))(params)
 
   def logp(apply_params, side, module):

@@ -100,7 +100,7 @@ def test_muon_orthogonalizes_layer_matrices_and_leaves_the_rest_to_adamw():
                    grad_clip=0.0)
   tx, _ = make_optimizer(o, 100)
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
-  # jitted: run eagerly, Newton-Schulz's many small ops take ~50 s of dispatch on a CPU
+  # jitted: one compilation instead of one per eager op of Newton-Schulz's many small ones
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   # A layer matrix moves by an (approximately) orthogonal matrix: all singular values alike.
   fc = np.asarray(updates["layers"]["mlp"]["fc"]["kernel"][0])              # [16, 64]
