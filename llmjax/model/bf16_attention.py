@@ -8,7 +8,7 @@ gradients to bf16 for the matmuls, accumulates in float32, and keeps the softmax
 the saved probabilities in float32 (the same split as `layers.bf16_matmul`). The backward is
 written out (a custom VJP) so that every dot has a form XLA:CPU keeps in bf16: the two that
 contract over query positions read a materialized transpose (see
-`layers._materialized_transpose`). Issue 12, benchmarks/RESULTS.md (session 5).
+`layers.materialized_transpose`). Issue 12, benchmarks/RESULTS.md (session 5).
 """
 from __future__ import annotations
 
