@@ -55,7 +55,9 @@ def lora_plus(optimizer, lr_ratio: float):
   """LoRA+ (Hayou et al. 2024): B's updates scaled by `lr_ratio`, i.e. B trains at lr_ratio times
   the learning rate of A (the update of Adam is linear in the learning rate, weight decay
   included). Stateless, so the optimizer state is unchanged; `optimizer` itself when the ratio is
-  1. Leaves are found by name on the plain or boxed (nn.Partitioned) params."""
+  1. Leaves are found by name on the plain or boxed (nn.Partitioned) params. B is the output-side
+  factor everywhere, so for the token table's adapter it is the random one (A starts at zero
+  there); PEFT instead gives embedding adapters a learning rate of their own."""
   if lr_ratio == 1.0:
     return optimizer
   import optax
